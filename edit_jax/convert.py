@@ -1,0 +1,326 @@
+"""Load official PyTorch SiT / Attention-Mediators checkpoints into edit_jax.
+
+    model, params = load_torch_checkpoint("SiT-XL-2-256x256.pt")
+    out = model.apply({"params": params}, x_nhwc, t, y)
+
+The architecture (depth, width, patch, in-channels, classes, learned sigma, mediator count and which
+blocks have mediators, input size) is inferred from the tensors; the number of heads comes from the
+standard size table (S/B/L/XL) or from the mediator bias tables, unless given.
+
+PyTorch layouts at this boundary: Linear weights (out, in) -> kernel (in, out); Conv2d weights
+(out, in, kh, kw) -> kernel (kh, kw, in, out); the model itself is NHWC.
+
+Command line (writes an Orbax checkpoint that training and sampling restore):
+    python -m edit_jax.convert SRC OUT_DIR [--num_heads H] [--model_only] [--overwrite]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import warnings
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from edit_jax import models
+
+SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
+
+
+# --------------------------------------------------------------------------- reading
+def _torch_load(path):
+  try:
+    import torch  # noqa: PLC0415
+  except ImportError:
+    raise ImportError(
+        f"reading {path} needs PyTorch, which is an optional extra: pip install 'edit_jax[torch]' "
+        f"(or torch), or convert the file to .npz/.safetensors elsewhere") from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception:  # training checkpoints may hold argparse.Namespace args
+    warnings.warn(f"{path}: weights_only load failed, loading with weights_only=False "
+                  f"(only do this for files you trust)")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+  return obj
+
+
+def _to_numpy(v):
+  if hasattr(v, "detach"):  # torch tensor
+    v = v.detach().cpu()
+    if str(v.dtype) == "torch.bfloat16":
+      v = v.float()
+    return v.numpy()
+  return np.asarray(v)
+
+
+def read_state_dict(src, use_ema: bool = True) -> dict[str, np.ndarray]:
+  """Returns the model state_dict (name -> np.ndarray) from a path or a mapping.
+
+  Training checkpoints ({"model", "ema", "opt", "args", ...}) yield "ema" by default ("model" with
+  use_ema=False). A DDP "module." prefix is stripped.
+  """
+  if isinstance(src, (str, os.PathLike)):
+    path = pathlib.Path(src)
+    if not path.exists():
+      raise FileNotFoundError(f"checkpoint {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth", ".bin"):
+      obj = _torch_load(str(path))
+    elif suffix == ".npz":
+      with np.load(path, allow_pickle=False) as f:
+        obj = {k: f[k] for k in f.files}
+    elif suffix == ".safetensors":
+      from safetensors.numpy import load_file  # noqa: PLC0415
+      obj = load_file(str(path))
+    else:
+      raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; expected one of {SUFFIXES}")
+  elif isinstance(src, Mapping):
+    obj = src
+  else:
+    raise TypeError(f"src must be a path or a mapping name -> array, got {type(src).__name__}")
+
+  if "ema" in obj or "model" in obj:
+    key = "ema" if (use_ema and "ema" in obj) else "model"
+    if key not in obj:
+      raise KeyError(f"checkpoint has no {key!r} entry; its keys are {sorted(obj)}")
+    obj = obj[key]
+  elif any(k.startswith(("ema.", "model.")) for k in obj):  # flattened training checkpoint (npz)
+    prefix = "ema." if use_ema and any(k.startswith("ema.") for k in obj) else "model."
+    obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
+  sd = {}
+  for k, v in obj.items():
+    if k.startswith("module."):
+      k = k[len("module."):]
+    sd[k] = _to_numpy(v)
+  return sd
+
+
+# --------------------------------------------------------------------------- inference
+def infer_config(sd: Mapping[str, np.ndarray], num_heads: int | None = None, **overrides) -> dict:
+  """SiT constructor arguments inferred from an official state_dict."""
+  need = ["x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight"]
+  missing = [k for k in need if k not in sd]
+  if missing:
+    raise ValueError(f"not an official SiT state_dict: missing {missing} "
+                     f"(first keys: {sorted(sd)[:8]})")
+  w = sd["x_embedder.proj.weight"]
+  d, in_ch, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+  block_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+  depth = len(block_ids)
+  if block_ids != list(range(depth)):
+    raise ValueError(f"state_dict blocks are not numbered 0..{depth - 1}: {block_ids}")
+  rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
+  out_ch = int(sd["final_layer.linear.weight"].shape[0]) // (p * p)
+  learn_sigma = out_ch == 2 * in_ch
+  if not learn_sigma and out_ch != in_ch:
+    raise ValueError(f"final_layer.linear has {out_ch * p * p} outputs, which fits neither "
+                     f"learn_sigma=True ({2 * in_ch * p * p}) nor False ({in_ch * p * p})")
+  med_blocks = [i for i in block_ids if f"blocks.{i}.attn.an_bias" in sd]
+  mediator_num = int(sd[f"blocks.{med_blocks[0]}.attn.an_bias"].shape[1]) if med_blocks else 0
+  if num_heads is None and med_blocks:
+    num_heads = int(sd[f"blocks.{med_blocks[0]}.attn.an_bias"].shape[0])
+  if num_heads is None:
+    if d not in models.HEADS_BY_WIDTH:
+      raise ValueError(f"hidden size {d} is not a standard SiT width {sorted(models.HEADS_BY_WIDTH)}:"
+                       f" pass num_heads=... to load_torch_checkpoint")
+    num_heads = models.HEADS_BY_WIDTH[d]
+  if "pos_embed" in sd:
+    tokens = int(sd["pos_embed"].shape[1])
+    grid = int(round(tokens ** 0.5))
+  elif med_blocks:
+    grid = int(sd[f"blocks.{med_blocks[0]}.attn.ah_bias"].shape[3])
+  else:
+    grid = None
+  cfg = dict(
+      hidden_size=d, in_channels=in_ch, patch_size=p, depth=depth, num_heads=num_heads,
+      num_classes=rows - 1, class_dropout_prob=0.1, learn_sigma=learn_sigma,
+      mediator_num=mediator_num,
+      mediator_layers=None if len(med_blocks) == depth else tuple(med_blocks))
+  if depth and f"blocks.{block_ids[0]}.mlp.fc1.weight" in sd:
+    cfg["mlp_ratio"] = sd[f"blocks.{block_ids[0]}.mlp.fc1.weight"].shape[0] / d
+  if grid is not None:
+    cfg["input_size"] = grid * p
+  cfg.update(overrides)
+  if "input_size" not in cfg:
+    raise ValueError("cannot infer the input size (no pos_embed and no mediator tables): pass "
+                     "input_size=... (latent size, e.g. 32 for 256 px images)")
+  return cfg
+
+
+# --------------------------------------------------------------------------- name mapping
+def torch_to_flax_name(name: str) -> tuple[tuple[str, ...], str]:
+  """'blocks.3.attn.qkv.weight' -> (('blocks_3', 'attn', 'qkv', 'kernel'), 'linear')."""
+  parts = name.split(".")
+  leaf = parts[-1]
+  mods: list[str] = []
+  for p in parts[:-1]:
+    if p.isdigit() and mods:
+      mods[-1] = f"{mods[-1]}_{p}"
+    else:
+      mods.append(p)
+  if leaf == "weight" and mods and mods[-1] == "embedding_table":
+    return tuple(mods), "copy"
+  if leaf == "weight":
+    return tuple(mods) + ("kernel",), "weight"
+  return tuple(mods) + (leaf,), "copy"
+
+
+def _convert_tensor(v: np.ndarray, kind: str) -> np.ndarray:
+  if kind == "weight":
+    if v.ndim == 2:
+      return v.T
+    if v.ndim == 4:
+      return v.transpose(2, 3, 1, 0)
+  return v
+
+
+def _flatten(tree, prefix=()):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat):
+  tree: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def state_dict_to_params(sd: Mapping[str, np.ndarray], model: models.SiT) -> dict:
+  """Converts an official state_dict for `model`; raises listing every mismatching tensor."""
+  expected = {path: tuple(s.shape) for path, s in _flatten(models.abstract_params(model)).items()}
+  flat, unexpected, misshaped = {}, [], []
+  for name, v in sd.items():
+    if name == "pos_embed":
+      want = (1, model.num_tokens, model.hidden_size)
+      if tuple(v.shape) != want:
+        misshaped.append(f"pos_embed: checkpoint {tuple(v.shape)} vs model {want}")
+      continue  # recomputed, not a parameter
+    path, kind = torch_to_flax_name(name)
+    if path not in expected:
+      unexpected.append(f"{name} {tuple(v.shape)}")
+      continue
+    arr = _convert_tensor(np.asarray(v, np.float32), kind)
+    if tuple(arr.shape) != expected[path]:
+      misshaped.append(f"{name}: checkpoint {tuple(v.shape)} -> {tuple(arr.shape)} vs model "
+                       f"{expected[path]}")
+      continue
+    flat[path] = arr
+  missing = ["/".join(p) + f" {s}" for p, s in expected.items() if p not in flat and
+             not any(m.startswith("/".join(p)) for m in misshaped)]
+  if missing or unexpected or misshaped:
+    lines = [f"checkpoint does not match the model (depth={model.depth}, hidden={model.hidden_size}, "
+             f"heads={model.num_heads}, input_size={model.input_size}, patch={model.patch_size}, "
+             f"mediator_num={model.mediator_num}, mediator_blocks={list(model.mediator_blocks)}):"]
+    lines += [f"  missing from checkpoint: {m}" for m in missing]
+    lines += [f"  unexpected in checkpoint: {m}" for m in unexpected]
+    lines += [f"  wrong shape: {m}" for m in misshaped]
+    raise ValueError("\n".join(lines))
+  return _unflatten(flat)
+
+
+def params_to_state_dict(params, model: models.SiT | None = None) -> dict[str, np.ndarray]:
+  """Inverse of `state_dict_to_params` (plus pos_embed when `model` is given): official names."""
+  sd = {}
+  if model is not None:
+    sd["pos_embed"] = models.sincos_pos_embed(model.hidden_size, model.grid)[None]
+  for path, v in _flatten(jax.device_get(params)).items():
+    v = np.asarray(v)
+    mods = []
+    for m in path[:-1]:
+      mm = re.fullmatch(r"(.*)_(\d+)", m)
+      if mm and mm.group(1) in ("blocks", "mlp", "adaLN_modulation"):
+        mods += [mm.group(1), mm.group(2)]
+      else:
+        mods.append(m)
+    leaf = path[-1]
+    if leaf == "kernel":
+      sd[".".join(mods + ["weight"])] = v.T if v.ndim == 2 else v.transpose(3, 2, 0, 1)
+    elif leaf == "embedding_table":
+      sd[".".join(mods + ["embedding_table", "weight"])] = v
+    else:
+      sd[".".join(mods + [leaf])] = v
+  return sd
+
+
+def load_torch_checkpoint(src, num_heads: int | None = None, use_ema: bool = True, **overrides):
+  """(model, params) from an official checkpoint (path or mapping name -> array).
+
+  overrides: any SiT field (e.g. attention_impl="pallas", dtype=jnp.bfloat16, input_size=...).
+  """
+  sd = read_state_dict(src, use_ema=use_ema)
+  cfg = infer_config(sd, num_heads=num_heads, **overrides)
+  model = models.build_model(None, **cfg)
+  params = state_dict_to_params(sd, model)
+  return model, jax.tree_util.tree_map(jax.numpy.asarray, params)
+
+
+# --------------------------------------------------------------------------- Orbax I/O
+def save_converted(out_dir, model: models.SiT, params, overwrite: bool = False, extra=None):
+  """Writes OUT_DIR/params (Orbax) and OUT_DIR/model_config.json. Never overwrites silently."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  out = pathlib.Path(out_dir).resolve()
+  if out.exists() and any(out.iterdir()):
+    if not overwrite:
+      raise FileExistsError(f"{out} exists and is not empty: choose a new directory or pass "
+                            f"--overwrite")
+    import shutil  # noqa: PLC0415
+    shutil.rmtree(out)
+  out.mkdir(parents=True, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(out / "params", params)
+  ckptr.wait_until_finished()
+  meta = {"model_config": models.model_config(model), **(extra or {})}
+  (out / "model_config.json").write_text(json.dumps(meta, indent=2))
+  return out
+
+
+def load_converted(ckpt_dir, **overrides):
+  """(model, params) from a directory written by `save_converted` / the CLI."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  d = pathlib.Path(ckpt_dir).resolve()
+  cfg_path = d / "model_config.json"
+  if not cfg_path.exists():
+    raise FileNotFoundError(f"{cfg_path} not found: {d} is not a converted checkpoint directory "
+                            f"(write one with python -m edit_jax.convert SRC {d})")
+  cfg = json.loads(cfg_path.read_text())["model_config"]
+  cfg.update(overrides)
+  model = models.model_from_config(cfg)
+  target = models.abstract_params(model)
+  params = ocp.StandardCheckpointer().restore(d / "params", target)
+  return model, params
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m edit_jax.convert", description=__doc__.split("\n")[0])
+  ap.add_argument("src", help="official checkpoint: .pt/.pth (needs torch), .npz or .safetensors")
+  ap.add_argument("out_dir", help="output directory for the Orbax checkpoint")
+  ap.add_argument("--num_heads", type=int, default=None)
+  ap.add_argument("--model_only", action="store_true", help="use 'model' instead of 'ema'")
+  ap.add_argument("--overwrite", action="store_true")
+  args = ap.parse_args(argv)
+  model, params = load_torch_checkpoint(args.src, num_heads=args.num_heads,
+                                        use_ema=not args.model_only)
+  out = save_converted(args.out_dir, model, params, overwrite=args.overwrite,
+                       extra={"source": str(args.src)})
+  cfg = models.model_config(model)
+  print(f"converted {args.src} -> {out}: depth={cfg['depth']} hidden={cfg['hidden_size']} "
+        f"heads={cfg['num_heads']} patch={cfg['patch_size']} input={cfg['input_size']} "
+        f"classes={cfg['num_classes']} mediator_num={cfg['mediator_num']} "
+        f"params={models.count_params(params):,}")
+
+
+if __name__ == "__main__":
+  main()

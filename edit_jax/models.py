@@ -1,0 +1,463 @@
+"""SiT (Scalable Interpolant Transformer) with optional Attention Mediators, in Flax linen.
+
+Computes the same function as the official PyTorch `SiT` (willisma/SiT models.py) and the mediator
+variant (LeapLabTHU/Attention-Mediators attention_mediator/models.py); see spec/sit_mediators.md.
+
+Layouts: images are NHWC everywhere in this package. `SiT.__call__` takes x (B, H, W, C), t (B,) in
+[0, 1] (0 = noise, 1 = data; unscaled, as SiT), y (B,) int labels in [0, num_classes] where
+`num_classes` is the null (unconditional) class, and returns (B, H, W, in_channels): the
+learned-sigma half is dropped, as the official `forward` does. The official model is NCHW;
+`edit_jax.convert` converts checkpoints and tests transpose the golden NCHW tensors.
+
+Logical axis names on parameters (for sharding rules, see edit_jax.sharding):
+  "embed" (hidden size D), "mlp" (MLP hidden), "qkv" (3D), "heads_merged" (D after attention),
+  "adaln" (6D / 2D modulation), "vocab" (label table rows), "patch_out" (final p*p*C), None.
+Activations are constrained as ("activation_batch", "activation_length", "activation_embed").
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edit_jax import attention as attn_lib
+
+Dtype = Any
+
+# name -> (depth, hidden_size, num_heads)
+SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+MODEL_NAMES = tuple(f"SiT-{s}/{p}" for s in SIZES for p in (2, 4, 8))
+HEADS_BY_WIDTH = {d: h for (_, d, h) in SIZES.values()}
+
+
+# --------------------------------------------------------------------------- embeddings
+def sincos_pos_embed(hidden_size: int, grid: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding (grid*grid, D), float32, row-major tokens.
+
+  Token (row i, col j): [sin(j w), cos(j w), sin(i w), cos(i w)], w_k = 10000^(-k / (D/4)).
+  (The first half encodes the column, as the official `get_2d_sincos_pos_embed`.)
+  """
+  if hidden_size % 4:
+    raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 for the 2-D sin-cos embedding")
+  q = hidden_size // 4
+  omega = 1.0 / 10000 ** (np.arange(q, dtype=np.float64) / q)
+  coords = np.arange(grid, dtype=np.float64)
+  rows, cols = np.meshgrid(coords, coords, indexing="ij")
+
+  def emb(pos):
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([emb(cols), emb(rows)], axis=1).astype(np.float32)
+
+
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+  """Sinusoidal timestep features (B, dim): [cos(t f), sin(t f)], f_k = exp(-ln(P) k / (dim/2))."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def layer_norm(x):
+  """LayerNorm without affine params, eps 1e-6, computed in float32."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return ((x - mean) * jax.lax.rsqrt(var + 1e-6)).astype(dtype)
+
+
+def constrain(x):
+  return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+class TimestepEmbedder(nn.Module):
+  hidden_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):
+    init = nn.initializers.normal(0.02)
+    x = timestep_embedding(t).astype(self.dtype)
+    x = attn_lib.dense(self.hidden_size, "mlp_0", (None, "embed"), self.dtype, kernel_init=init)(x)
+    x = nn.silu(x)
+    return attn_lib.dense(self.hidden_size, "mlp_2", ("mlp", "embed"), self.dtype, kernel_init=init)(x)
+
+
+class LabelEmbedder(nn.Module):
+  """Label table (num_classes + 1, D) with the null class `num_classes` when dropout is used."""
+  num_classes: int
+  hidden_size: int
+  dropout_prob: float
+
+  @nn.compact
+  def __call__(self, y, train: bool = False):
+    rows = self.num_classes + int(self.dropout_prob > 0)
+    table = self.param("embedding_table",
+                       nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                       (rows, self.hidden_size), jnp.float32)
+    if train and self.dropout_prob > 0:
+      drop = jax.random.uniform(self.make_rng("label_dropout"), y.shape) < self.dropout_prob
+      y = jnp.where(drop, self.num_classes, y)
+    return jnp.take(table, y, axis=0)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  out: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = attn_lib.dense(self.hidden, "fc1", ("embed", "mlp"), self.dtype)(x)
+    x = nn.gelu(x, approximate=True)
+    return attn_lib.dense(self.out, "fc2", ("mlp", "embed"), self.dtype)(x)
+
+
+class SiTBlock(nn.Module):
+  """adaLN-Zero transformer block; attention is full or mediator by `mediator_num` (0 = full)."""
+  hidden_size: int
+  num_heads: int
+  grid: int
+  mlp_ratio: float = 4.0
+  mediator_num: int = 0
+  attention_impl: str = "xla"
+  full_attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    d = self.hidden_size
+    if self.mediator_num:
+      self.attn = attn_lib.MediatorAttention(d, self.num_heads, self.grid, self.mediator_num,
+                                             dtype=self.dtype, impl=self.attention_impl)
+    else:
+      self.attn = attn_lib.FullAttention(d, self.num_heads, dtype=self.dtype,
+                                         implementation=self.full_attention_impl)
+    self.mlp = Mlp(int(d * self.mlp_ratio), d, dtype=self.dtype)
+    self.adaLN_modulation_1 = attn_lib.dense(6 * d, "adaLN_modulation_1", ("embed", "adaln"),
+                                             self.dtype, kernel_init=nn.initializers.zeros_init())
+
+  def __call__(self, x, c):
+    mod = self.adaLN_modulation_1(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    x = x + gate_msa[:, None] * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
+    x = x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+    return constrain(x)
+
+
+class FinalLayer(nn.Module):
+  hidden_size: int
+  patch_size: int
+  out_channels: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    zeros = nn.initializers.zeros_init()
+    mod = attn_lib.dense(2 * self.hidden_size, "adaLN_modulation_1", ("embed", "adaln"), self.dtype,
+                         kernel_init=zeros)(nn.silu(c))
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    x = modulate(layer_norm(x), shift, scale)
+    return attn_lib.dense(self.patch_size ** 2 * self.out_channels, "linear", ("embed", "patch_out"),
+                          self.dtype, kernel_init=zeros)(x)
+
+
+class PatchEmbed(nn.Module):
+  """Conv with kernel = stride = p (torch PatchEmbed): (B, H, W, C) -> (B, (H/p)*(W/p), D)."""
+  hidden_size: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    # torch xavier_uniform on the (D, C*p*p) view: fan_in = C*p*p, fan_out = D.
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32, name="proj",
+                kernel_init=nn.with_logical_partitioning(init, (None, None, None, "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(x)
+    b, gh, gw, d = x.shape
+    return x.reshape(b, gh * gw, d)
+
+
+def resolve_mediator_layers(depth: int, mediator_num: int, mediator_layers) -> tuple[int, ...]:
+  """Indices of blocks that use mediator attention.
+
+  mediator_layers: None or "all" (every block, the official code), an int k (the first k blocks,
+  the paper's SiT-XL/2 setting), or a sequence of block indices.
+  """
+  if not mediator_num:
+    return ()
+  if mediator_layers is None or mediator_layers == "all":
+    return tuple(range(depth))
+  if isinstance(mediator_layers, (int, np.integer)) and not isinstance(mediator_layers, bool):
+    k = int(mediator_layers)
+    if not 0 <= k <= depth:
+      raise ValueError(f"mediator_layers={k} (first k blocks) must be in [0, depth={depth}]")
+    return tuple(range(k))
+  if isinstance(mediator_layers, str):
+    try:
+      idx = tuple(int(s) for s in mediator_layers.replace(" ", "").split(",") if s)
+    except ValueError as e:
+      raise ValueError(f"mediator_layers={mediator_layers!r}: expected 'all', an int k, or a "
+                       f"comma-separated list of block indices like '0,1,2,3'") from e
+  else:
+    idx = tuple(int(i) for i in mediator_layers)
+  bad = [i for i in idx if not 0 <= i < depth]
+  if bad:
+    raise ValueError(f"mediator_layers has block indices {bad} outside [0, depth={depth})")
+  return tuple(sorted(set(idx)))
+
+
+class SiT(nn.Module):
+  """SiT backbone. See module docstring for layouts.
+
+  Attributes mirror the official constructor; extra ones:
+    mediator_num: mediators per mediator layer (0 = standard attention everywhere).
+    mediator_layers: which blocks use mediators (see `resolve_mediator_layers`).
+    attention_impl: "xla" (jnp reference) or "pallas" (fused kernel) for mediator layers.
+    full_attention_impl: `implementation` for jax.nn.dot_product_attention (None, "xla", "cudnn").
+    dtype: compute dtype (params stay float32). remat: rematerialize each block in training.
+  """
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  class_dropout_prob: float = 0.1
+  num_classes: int = 1000
+  learn_sigma: bool = True
+  mediator_num: int = 0
+  mediator_layers: Any = None
+  attention_impl: str = "xla"
+  full_attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  @property
+  def grid(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid ** 2
+
+  @property
+  def mediator_blocks(self) -> tuple[int, ...]:
+    return resolve_mediator_layers(self.depth, self.mediator_num, self.mediator_layers)
+
+  def validate(self):
+    """Raises ValueError naming the bad value and the fix."""
+    if self.input_size % self.patch_size:
+      raise ValueError(
+          f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}: use an "
+          f"input size that is a multiple of {self.patch_size} (e.g. "
+          f"{self.input_size - self.input_size % self.patch_size}) or another patch size")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+    if self.attention_impl not in ("xla", "pallas"):
+      raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'pallas'")
+    if self.num_classes < 1:
+      raise ValueError(f"num_classes={self.num_classes} must be >= 1")
+    if self.mediator_num:
+      attn_lib.check_mediator_num(self.mediator_num, self.num_tokens)
+    self.mediator_blocks  # noqa: B018  (validates mediator_layers)
+
+  def setup(self):
+    self.validate()
+    d = self.hidden_size
+    self.x_embedder = PatchEmbed(d, self.patch_size, dtype=self.dtype)
+    self.t_embedder = TimestepEmbedder(d, dtype=self.dtype)
+    self.y_embedder = LabelEmbedder(self.num_classes, d, self.class_dropout_prob)
+    block_cls = nn.remat(SiTBlock) if self.remat else SiTBlock
+    med = set(self.mediator_blocks)
+    self.blocks = [
+        block_cls(d, self.num_heads, self.grid, self.mlp_ratio,
+                  mediator_num=self.mediator_num if i in med else 0,
+                  attention_impl=self.attention_impl, full_attention_impl=self.full_attention_impl,
+                  dtype=self.dtype, name=f"blocks_{i}")
+        for i in range(self.depth)
+    ]
+    self.final_layer = FinalLayer(d, self.patch_size, self.out_channels, dtype=self.dtype)
+
+  def check_inputs(self, x, t, y):
+    expect = (self.input_size, self.input_size, self.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expect:
+      hint = ""
+      if x.ndim == 4 and x.shape[1] == self.in_channels and x.shape[-1] != self.in_channels:
+        hint = " The input looks NCHW: transpose it to NHWC with x.transpose(0, 2, 3, 1)."
+      raise ValueError(
+          f"SiT was built for inputs (B, {expect[0]}, {expect[1]}, {expect[2]}) (NHWC) but got "
+          f"{tuple(x.shape)}.{hint} To run at another resolution build the model with that "
+          f"input_size (and convert/fine-tune the position-dependent parameters).")
+    if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+      raise ValueError(f"t and y must have shape (B,) = ({x.shape[0]},); got t {t.shape}, y {y.shape}")
+    if not isinstance(y, jax.core.Tracer):
+      y_np = np.asarray(y)
+      hi = self.num_classes if self.class_dropout_prob > 0 else self.num_classes - 1
+      if y_np.size and (y_np.min() < 0 or y_np.max() > hi):
+        raise ValueError(
+            f"labels must be in [0, {hi}] ({self.num_classes} classes"
+            f"{', plus the null class ' + str(self.num_classes) if hi == self.num_classes else ''}); "
+            f"got values in [{y_np.min()}, {y_np.max()}]")
+
+  def __call__(self, x, t, y, train: bool = False):
+    """x (B, H, W, C) NHWC, t (B,), y (B,) int -> (B, H, W, in_channels)."""
+    t = jnp.asarray(t)
+    y = jnp.asarray(y) if not isinstance(y, (jax.Array, jax.core.Tracer)) else y
+    self.check_inputs(x, t, y)
+    pos = jnp.asarray(sincos_pos_embed(self.hidden_size, self.grid))
+    h = constrain(self.x_embedder(x.astype(self.dtype)) + pos.astype(self.dtype))
+    c = (self.t_embedder(t) + self.y_embedder(y, train)).astype(self.dtype)
+    for block in self.blocks:
+      h = block(h, c)
+    h = self.final_layer(h, c)
+    out = self.unpatchify(h)
+    return out[..., :self.in_channels].astype(jnp.float32)
+
+  def unpatchify(self, h):
+    """(B, T, p*p*C) with index (pi*p + pj)*C + c -> (B, g*p, g*p, C) NHWC."""
+    b, _, _ = h.shape
+    g, p, c = self.grid, self.patch_size, self.out_channels
+    h = h.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return h.reshape(b, g * p, g * p, c)
+
+  def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 3):
+    """Official batch-doubled classifier-free guidance.
+
+    x (2B, H, W, C) (only the first half is used, twice), t (2B,), y (2B,) = [labels, null...].
+    Guidance u + s (c - u) is applied to the first `guide_channels` channels (3: the official
+    behaviour, inherited from DiT; None: all channels) and placed in both halves; the other channels
+    keep each half's own output.
+    """
+    half = x[: x.shape[0] // 2]
+    combined = jnp.concatenate([half, half], axis=0)
+    out = self(combined, t, y)
+    k = out.shape[-1] if guide_channels is None else guide_channels
+    eps, rest = out[..., :k], out[..., k:]
+    cond, uncond = jnp.split(eps, 2, axis=0)
+    guided = uncond + cfg_scale * (cond - uncond)
+    eps = jnp.concatenate([guided, guided], axis=0)
+    return jnp.concatenate([eps, rest], axis=-1)
+
+  def cache_mediator_biases(self):
+    for i in self.mediator_blocks:
+      self.blocks[i].attn.cache_biases()
+
+
+# --------------------------------------------------------------------------- construction helpers
+def parse_model_name(name: str) -> dict:
+  """'SiT-XL/2' -> dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)."""
+  try:
+    prefix, patch = name.split("/")
+    size = prefix.split("-", 1)[1]
+    depth, hidden, heads = SIZES[size]
+    patch = int(patch)
+  except (ValueError, KeyError, IndexError):
+    raise ValueError(f"unknown model name {name!r}: expected one of {', '.join(MODEL_NAMES)}") from None
+  if patch not in (2, 4, 8):
+    raise ValueError(f"unknown model name {name!r}: patch size must be 2, 4 or 8")
+  return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+
+
+def build_model(name: str = "SiT-XL/2", **overrides) -> SiT:
+  """A SiT by name ('SiT-S/2' ... 'SiT-XL/8'), with any field overridden.
+
+  Example: build_model("SiT-S/2", input_size=32, mediator_num=16).
+  """
+  kwargs = parse_model_name(name) if name else {}
+  kwargs.update(overrides)
+  fields = {f.name for f in dataclasses.fields(SiT)} - {"parent", "name"}
+  unknown = set(kwargs) - fields
+  if unknown:
+    raise ValueError(f"unknown SiT options {sorted(unknown)}; valid: {sorted(fields)}")
+  model = SiT(**kwargs)
+  model.validate()
+  return model
+
+
+def model_config(model: SiT) -> dict:
+  """JSON-serialisable constructor arguments of `model` (inverse: `SiT(**cfg)`)."""
+  out = {}
+  for f in dataclasses.fields(SiT):
+    if f.name in ("parent", "name"):
+      continue
+    v = getattr(model, f.name)
+    if f.name == "dtype":
+      v = jnp.dtype(v).name
+    elif isinstance(v, tuple):
+      v = list(v)
+    out[f.name] = v
+  return out
+
+
+def model_from_config(cfg: dict) -> SiT:
+  cfg = dict(cfg)
+  if "dtype" in cfg and isinstance(cfg["dtype"], str):
+    cfg["dtype"] = jnp.dtype(cfg["dtype"])
+  if isinstance(cfg.get("mediator_layers"), list):
+    cfg["mediator_layers"] = tuple(cfg["mediator_layers"])
+  return build_model(None, **cfg)
+
+
+def dummy_inputs(model: SiT, batch: int = 1):
+  x = jnp.zeros((batch, model.input_size, model.input_size, model.in_channels), jnp.float32)
+  return x, jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32)
+
+
+def init_variables(model: SiT, rng, batch: int = 1):
+  """Boxed variables (with nn.Partitioned logical-axis metadata), jitted."""
+  return jax.jit(lambda r: model.init(r, *dummy_inputs(model, batch)))(rng)
+
+
+def init_params(model: SiT, rng) -> dict:
+  """Fresh parameters as a plain pytree (no metadata boxes), computed with a jitted init."""
+  return jax.jit(lambda r: nn.unbox(model.init(r, *dummy_inputs(model))["params"]))(rng)
+
+
+def abstract_params(model: SiT):
+  """ShapeDtypeStructs of the parameters, without computing them."""
+  return jax.eval_shape(lambda r: nn.unbox(model.init(r, *dummy_inputs(model))["params"]),
+                        jax.random.key(0))
+
+
+def param_logical_axes(model: SiT):
+  """Pytree of `jax.sharding.PartitionSpec` of logical axis names, matching the params tree."""
+  boxed = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model))["params"], jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def precompute_mediator_biases(model: SiT, params) -> dict:
+  """Variables {"params": params, "mediator_cache": ...} with every layer's position biases
+  resized once, so repeated forwards (a sampling loop) skip the parameter-only work."""
+  if not model.mediator_blocks:
+    return {"params": params}
+  _, cache = model.apply({"params": params}, method=SiT.cache_mediator_biases,
+                         mutable=[attn_lib.CACHE])
+  return {"params": params, **cache}
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,31 @@
+"""Test setup: 8 fake CPU devices, the persistent compilation cache, float32 matmuls.
+
+The environment variables must be set before jax is imported anywhere.
+"""
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+GOLDEN = ROOT.parent / "shared" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+  if not GOLDEN.is_dir():
+    pytest.fail(f"golden tensors not found at {GOLDEN}: the repo must sit next to ../shared")
+  return GOLDEN

@@ -1,0 +1,170 @@
+"""FLOPs of a SiT forward pass in the papers' convention.
+
+Convention (DiT/SiT/Attention-Mediators papers, fvcore): one multiply-add = one FLOP, counted per
+forward pass at batch 1; the CFG batch doubling is not counted. Counted like fvcore counts the
+official PyTorch model (with `TIMM_FUSED_ATTN=0` so the attention matmuls are visible):
+  linear / conv / matmul           in * out multiply-adds per output position
+  layer_norm (no affine)           4 per element
+  adaptive_avg_pool2d              1 per input element
+  upsample_bilinear2d              4 per output element
+  elementwise ops, softmax, GELU,  not counted
+  embedding lookups, bias adds
+
+XLA's cost analysis counts 2 per multiply-add plus elementwise work; `xla_gflops` returns its
+number divided by 2 for the cross-check (it is slightly larger than `gflops` because XLA also
+counts elementwise ops).
+
+    >>> from edit_jax import flops, models
+    >>> round(flops.gflops(models.build_model("SiT-S/2", input_size=32)), 3)
+    6.066
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from edit_jax import models
+
+
+@dataclasses.dataclass
+class FlopsBreakdown:
+  """Multiply-adds per forward at batch 1, by part."""
+  patch_embed: int = 0
+  conditioning: int = 0          # timestep MLP + adaLN linears + final adaLN
+  attention_linear: int = 0      # qkv + proj
+  attention_core: int = 0        # QK^T, AV (full) or the four mediator matmuls
+  mediator_extra: int = 0        # pooling, bias resizes, depthwise conv
+  mlp: int = 0
+  norms: int = 0
+  final_linear: int = 0
+
+  @property
+  def total(self) -> int:
+    return sum(dataclasses.asdict(self).values())
+
+  @property
+  def gflops(self) -> float:
+    return self.total / 1e9
+
+
+def breakdown(model: models.SiT) -> FlopsBreakdown:
+  """Analytic multiply-add count of `model` (a SiT) per forward pass at batch 1."""
+  model.validate()
+  d, n_tok, p, c = model.hidden_size, model.num_tokens, model.patch_size, model.in_channels
+  h, g = model.num_heads, model.grid
+  hidden = int(d * model.mlp_ratio)
+  med_blocks = set(model.mediator_blocks)
+  f = FlopsBreakdown()
+  f.patch_embed = n_tok * d * c * p * p
+  f.conditioning = 256 * d + d * d + model.depth * d * 6 * d + d * 2 * d
+  for i in range(model.depth):
+    f.attention_linear += 4 * n_tok * d * d
+    f.mlp += 2 * n_tok * d * hidden
+    f.norms += 2 * 4 * n_tok * d
+    if i in med_blocks:
+      n = model.mediator_num
+      f.attention_core += 4 * n * n_tok * d
+      f.mediator_extra += n_tok * d            # adaptive average pooling of the queries
+      f.mediator_extra += 9 * n_tok * d        # depthwise 3x3 conv on V
+      f.mediator_extra += 2 * 4 * h * n * g * g  # two bilinear resizes of the 7x7 tables
+    else:
+      f.attention_core += 2 * n_tok * n_tok * d
+  f.norms += 4 * n_tok * d
+  f.final_linear = n_tok * d * p * p * model.out_channels
+  return f
+
+
+def gflops(model: models.SiT) -> float:
+  """GFLOPs (1e9 multiply-adds) per forward pass at batch 1."""
+  return breakdown(model).gflops
+
+
+def train_flops_per_example(model: models.SiT) -> float:
+  """Multiply-adds per training example: forward + backward ~= 3 x forward."""
+  return 3.0 * breakdown(model).total
+
+
+def xla_gflops(model: models.SiT, batch: int = 1) -> float:
+  """XLA's cost analysis of the forward (lowered HLO), divided by 2 (it counts 2 per
+  multiply-add) and by the batch, in GFLOPs. Parameters are abstract arguments, so nothing is
+  computed or constant-folded away."""
+  params = models.abstract_params(model)
+  x, t, y = models.dummy_inputs(model, batch)
+  lowered = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y)).lower(
+      params, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(t.shape, t.dtype),
+      jax.ShapeDtypeStruct(y.shape, y.dtype))
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", 0.0)) / 2 / batch / 1e9
+
+
+def dot_gflops(model: models.SiT) -> float:
+  """Multiply-adds of every dot_general / conv in the forward's jaxpr, GFLOPs (batch 1).
+
+  An independent count of the matmul work from the traced program (no elementwise ops).
+  """
+  params = models.abstract_params(model)
+  x, t, y = models.dummy_inputs(model, 1)
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, y))(params)
+  return _count_dots(jaxpr.jaxpr) / 1e9
+
+
+def _count_dots(jaxpr) -> int:
+  import math  # noqa: PLC0415
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lc, rc), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      out = eqn.outvars[0].aval.shape
+      total += math.prod(out) * math.prod(lhs[i] for i in lc)
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out = eqn.outvars[0].aval.shape
+      dn = eqn.params["dimension_numbers"]
+      k_in = rhs[dn.rhs_spec[1]]
+      k_spatial = math.prod(rhs[i] for i in dn.rhs_spec[2:])
+      total += math.prod(out) * k_in * k_spatial
+    for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subjaxprs(eqn):
+      total += _count_dots(sub)
+  return total
+
+
+def _subjaxprs(eqn):
+  for v in eqn.params.values():
+    if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+      yield v.jaxpr
+    elif hasattr(v, "eqns"):
+      yield v
+
+
+# Reference table (fvcore on the official PyTorch code; spec/sit_mediators.md sections 1, 3, 7).
+PUBLISHED = [
+    # (name, image resolution, mediator_num, GFLOPs)
+    ("SiT-S/2", 256, 0, 6.066),
+    ("SiT-S/2", 256, 4, 5.493),
+    ("SiT-S/2", 256, 16, 5.551),
+    ("SiT-S/2", 256, 64, 5.785),
+    ("SiT-B/2", 256, 0, 23.025),
+    ("SiT-B/2", 256, 64, 22.463),
+    ("SiT-L/2", 256, 0, 80.749),
+    ("SiT-L/2", 256, 64, 79.252),
+    ("SiT-XL/2", 256, 0, 118.689),
+    ("SiT-XL/2", 256, 4, 114.679),
+    ("SiT-XL/2", 256, 16, 115.087),
+    ("SiT-XL/2", 256, 64, 116.716),
+    ("SiT-B/2", 512, 0, 106.461),
+    ("SiT-B/2", 512, 64, 89.720),
+    ("SiT-B/2", 1024, 0, 657.640),
+    ("SiT-B/2", 1024, 64, 358.746),
+    ("SiT-S/4", 256, 0, 1.415),
+    ("SiT-B/4", 256, 0, 5.570),
+]
+
+
+def model_at(name: str, resolution: int, mediator_num: int = 0, **kw) -> models.SiT:
+  """A latent-space SiT for `resolution` px images (latent = resolution / 8)."""
+  return models.build_model(name, input_size=resolution // 8, mediator_num=mediator_num, **kw)

@@ -1,0 +1,202 @@
+"""Shapes, initialization rule, parameter counts and bad-input errors of the SiT backbone."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edit_jax import attention, models
+
+# (name, mediator_num) -> trainable params at 256 px (spec: "all" minus the 256*D frozen pos_embed).
+PARAM_COUNTS = {
+    ("SiT-S/2", 0): 32_963_360 - 256 * 384,
+    ("SiT-XL/2", 0): 675_129_632 - 256 * 1152,
+    ("SiT-S/2", 4): 33_056_096 - 256 * 384,
+    ("SiT-S/2", 16): 33_196_064 - 256 * 384,
+    ("SiT-S/2", 64): 33_755_936 - 256 * 384,
+    ("SiT-XL/2", 4): 675_742_496 - 256 * 1152,
+    ("SiT-XL/2", 16): 676_613_408 - 256 * 1152,
+    ("SiT-XL/2", 64): 680_097_056 - 256 * 1152,
+}
+
+
+@pytest.mark.parametrize("name,n", sorted(PARAM_COUNTS))
+def test_param_counts_match_official(name, n):
+  model = models.build_model(name, input_size=32, mediator_num=n)
+  assert models.count_params(models.abstract_params(model)) == PARAM_COUNTS[(name, n)]
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_every_named_size_shapes(name):
+  """Abstract shapes (jax.eval_shape) of every named model, with and without mediators."""
+  for n in (0, 4):
+    model = models.build_model(name, input_size=32, mediator_num=n, num_classes=1000)
+    x, t, y = models.dummy_inputs(model, 2)
+    params = models.abstract_params(model)
+    out = jax.eval_shape(lambda p: model.apply({"params": p}, x, t, y), params)
+    assert out.shape == (2, 32, 32, 4) and out.dtype == jnp.float32
+    d = model.hidden_size
+    assert params["y_embedder"]["embedding_table"].shape == (1001, d)
+    assert params["final_layer"]["linear"]["kernel"].shape == (d, model.patch_size ** 2 * 8)
+    assert ("an_bias" in params["blocks_0"]["attn"]) == bool(n)
+
+
+@pytest.mark.parametrize("size", ["S", "B", "L", "XL"])
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_fresh_model_outputs_zero(size, patch):
+  """adaLN-Zero: the final layer is zeroed, so a fresh model outputs exactly 0 (every size and
+  patch; depth reduced to 1 block to keep the test fast: the rule does not depend on depth)."""
+  model = models.build_model(f"SiT-{size}/{patch}", input_size=16, depth=1, num_classes=10,
+                             mediator_num=4)
+  params = models.init_params(model, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+  out = jax.jit(model.apply)({"params": params}, x, jnp.array([0.2, 0.9]), jnp.array([3, 10]))
+  assert out.shape == x.shape
+  assert np.all(np.asarray(out) == 0)
+
+
+def test_init_distributions():
+  model = models.build_model("SiT-S/2", input_size=16, depth=1, num_classes=10, mediator_num=4)
+  p = models.init_params(model, jax.random.key(0))
+  d = 384
+  qkv = np.asarray(p["blocks_0"]["attn"]["qkv"]["kernel"])
+  bound = np.sqrt(6 / (d + 3 * d))
+  assert qkv.shape == (d, 3 * d) and np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.95 * bound
+  conv = np.asarray(p["x_embedder"]["proj"]["kernel"])  # fan_in = 4*2*2, fan_out = D
+  bound = np.sqrt(6 / (16 + d))
+  assert np.abs(conv).max() <= bound and np.abs(conv).max() > 0.95 * bound
+  assert np.std(np.asarray(p["y_embedder"]["embedding_table"])) == pytest.approx(0.02, rel=0.05)
+  assert np.std(np.asarray(p["t_embedder"]["mlp_0"]["kernel"])) == pytest.approx(0.02, rel=0.05)
+  dwc = np.asarray(p["blocks_0"]["attn"]["dwc"]["kernel"])
+  assert dwc.min() >= -1 / 3 and dwc.max() <= 1 / 3 and dwc.max() > 0.3 and dwc.min() < -0.3
+  for k in ("adaLN_modulation_1",):
+    assert not np.any(np.asarray(p["blocks_0"][k]["kernel"]))
+  assert not np.any(np.asarray(p["final_layer"]["linear"]["kernel"]))
+  an = np.asarray(p["blocks_0"]["attn"]["an_bias"])
+  assert np.std(an) == pytest.approx(0.02, rel=0.2)
+  for leaf in jax.tree_util.tree_leaves(p):
+    assert leaf.dtype == jnp.float32
+
+
+def test_label_dropout_in_training_only():
+  model = models.build_model("SiT-S/2", input_size=8, depth=1, hidden_size=64, num_heads=2,
+                             num_classes=10, class_dropout_prob=0.5)
+  params = models.init_params(model, jax.random.key(0))
+  params = jax.tree_util.tree_map(lambda a: a + 0.05, params)  # make the output depend on y
+  x = jnp.ones((64, 8, 8, 4))
+  t = jnp.full((64,), 0.5)
+  y = jnp.full((64,), 3)
+  apply = jax.jit(model.apply, static_argnames="train")
+  ev = apply({"params": params}, x, t, y)
+  assert np.allclose(ev, ev[:1])  # eval: deterministic, no dropping
+  tr = apply({"params": params}, x, t, y, train=True, rngs={"label_dropout": jax.random.key(2)})
+  null = apply({"params": params}, x, t, jnp.full((64,), 10))
+  dropped = np.all(np.isclose(tr, null[:1]), axis=(1, 2, 3))
+  kept = np.all(np.isclose(tr, ev[:1]), axis=(1, 2, 3))
+  assert np.all(dropped | kept) and 10 < dropped.sum() < 54
+
+
+def test_mediator_layers_option():
+  m = models.build_model("SiT-XL/2", input_size=32, mediator_num=16, mediator_layers=4)
+  assert m.mediator_blocks == (0, 1, 2, 3)
+  p = models.abstract_params(m)
+  assert "an_bias" in p["blocks_3"]["attn"] and "an_bias" not in p["blocks_4"]["attn"]
+  assert models.build_model("SiT-S/2", mediator_num=4, mediator_layers="0,2").mediator_blocks == (0, 2)
+  assert models.build_model("SiT-S/2", mediator_num=4).mediator_blocks == tuple(range(12))
+  with pytest.raises(ValueError, match="outside"):
+    models.build_model("SiT-S/2", mediator_num=4, mediator_layers=[0, 12])
+
+
+def test_adaptive_pool_matches_torch_semantics():
+  """Overlapping windows (n = 49 on a 16-grid): window i = [floor(i g/s), ceil((i+1) g/s))."""
+  g, s = 16, 7
+  x = np.random.default_rng(0).normal(size=(2, g, g, 3)).astype(np.float32)
+  ref = np.zeros((2, s, s, 3), np.float32)
+  for i in range(s):
+    for j in range(s):
+      r0, r1 = (i * g) // s, -(-((i + 1) * g) // s)
+      c0, c1 = (j * g) // s, -(-((j + 1) * g) // s)
+      ref[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+  np.testing.assert_allclose(attention.adaptive_avg_pool_2d(jnp.asarray(x), s), ref, atol=1e-6)
+  assert (attention.adaptive_pool_matrix(16, 7) > 0).sum() > 16  # windows overlap
+  np.testing.assert_allclose(attention.adaptive_avg_pool_2d(jnp.asarray(x), 4),
+                             x.reshape(2, 4, 4, 4, 4, 3).mean(axis=(2, 4)), atol=1e-6)
+
+
+def _torch_bilinear(a, out):
+  """torch F.interpolate(mode='bilinear', align_corners=False), no antialias, on the last 2 axes."""
+  def weights(n_in, n_out):
+    w = np.zeros((n_out, n_in))
+    scale = n_in / n_out
+    for o in range(n_out):
+      src = max((o + 0.5) * scale - 0.5, 0.0)
+      i0 = min(int(np.floor(src)), n_in - 1)
+      i1 = min(i0 + 1, n_in - 1)
+      lam = src - i0
+      w[o, i0] += 1 - lam
+      w[o, i1] += lam
+    return w
+  w = weights(a.shape[-1], out)
+  return np.einsum("ai,...ij,bj->...ab", w, a, w)
+
+
+@pytest.mark.parametrize("size", [4, 8, 16, 32])
+def test_bias_resize_matches_torch_bilinear(size):
+  a = np.random.default_rng(0).normal(size=(2, 3, 7, 7)).astype(np.float32)
+  np.testing.assert_allclose(attention.resize_bilinear(jnp.asarray(a), size), _torch_bilinear(a, size),
+                             atol=2e-6)
+
+
+def test_mediator_overlapping_windows_run_and_cached_biases_match():
+  model = models.build_model("SiT-S/2", input_size=32, depth=1, hidden_size=64, num_heads=2,
+                             num_classes=10, mediator_num=49)
+  params = jax.tree_util.tree_map(lambda a: a + 0.02, models.init_params(model, jax.random.key(0)))
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 4))
+  t, y = jnp.array([0.1, 0.7]), jnp.array([1, 2])
+  out = jax.jit(model.apply)({"params": params}, x, t, y)
+  cached = jax.jit(model.apply)(models.precompute_mediator_biases(model, params), x, t, y)
+  assert np.all(np.isfinite(out)) and np.abs(out).max() > 0
+  np.testing.assert_allclose(out, cached, atol=1e-6)
+
+
+def test_bf16_compute_close_to_fp32():
+  model = models.build_model("SiT-S/2", input_size=16, depth=2, hidden_size=64, num_heads=2,
+                             num_classes=10, mediator_num=16)
+  params = jax.tree_util.tree_map(lambda a: a + 0.02, models.init_params(model, jax.random.key(0)))
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+  args = (x, jnp.array([0.1, 0.7]), jnp.array([1, 2]))
+  ref = jax.jit(model.apply)({"params": params}, *args)
+  out = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({"params": params}, *args)
+  assert out.dtype == jnp.float32
+  assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.05 * np.abs(np.asarray(ref)).max()
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_mediator_count():
+  with pytest.raises(ValueError, match=r"mediator_num=10 is not a positive perfect square.*9 or 16"):
+    models.build_model("SiT-S/2", mediator_num=10)
+  with pytest.raises(ValueError, match=r"mediator_num=400 is larger than the number of tokens 256"):
+    models.build_model("SiT-S/2", input_size=32, mediator_num=400)
+
+
+def test_bad_input_size_and_names():
+  with pytest.raises(ValueError, match=r"input_size=30 is not divisible by patch_size=4"):
+    models.build_model("SiT-S/4", input_size=30)
+  with pytest.raises(ValueError, match=r"unknown model name 'SiT-M/2'"):
+    models.build_model("SiT-M/2")
+  with pytest.raises(ValueError, match=r"unknown SiT options \['mediators'\]"):
+    models.build_model("SiT-S/2", mediators=4)
+
+
+def test_bad_call_inputs():
+  model = models.build_model("SiT-S/2", input_size=8, depth=1, hidden_size=64, num_heads=2,
+                             num_classes=10)
+  params = models.init_params(model, jax.random.key(0))
+  t = jnp.zeros((1,))
+  with pytest.raises(ValueError, match=r"built for inputs \(B, 8, 8, 4\).*got \(1, 16, 16, 4\)"):
+    model.apply({"params": params}, jnp.zeros((1, 16, 16, 4)), t, jnp.zeros((1,), jnp.int32))
+  with pytest.raises(ValueError, match=r"looks NCHW"):
+    model.apply({"params": params}, jnp.zeros((1, 4, 8, 8)), t, jnp.zeros((1,), jnp.int32))
+  with pytest.raises(ValueError, match=r"labels must be in \[0, 10\].*got values in \[0, 11\]"):
+    model.apply({"params": params}, jnp.zeros((2, 8, 8, 4)), jnp.zeros((2,)), np.array([0, 11]))
+  with pytest.raises(ValueError, match=r"labels must be in \[0, 10\]"):
+    model.apply({"params": params}, jnp.zeros((1, 8, 8, 4)), t, np.array([-1]))

@@ -33,6 +33,14 @@ from edit_jax.kernels.mediator_attention import mediator_attention
 
 Dtype = Any
 CACHE = "mediator_cache"
+ATTENTION_MAPS = "attention_maps"  # sow collection: effective (B, h, N, N) attention per layer
+
+
+def maybe_sow_attention(module: nn.Module, probs_fn):
+  """Sows the layer's effective attention matrix (B, h, N_query, N_key) into the
+  "attention_maps" collection, only when the caller made that collection mutable (analysis)."""
+  if module.is_mutable_collection(ATTENTION_MAPS):
+    module.sow(ATTENTION_MAPS, "probs", probs_fn())
 
 
 def xavier_uniform():
@@ -142,8 +150,10 @@ class FullAttention(nn.Module):
     h = self.num_heads
     qkv = dense(3 * d, "qkv", ("embed", "qkv"), self.dtype)(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)
-    o = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
-                                     implementation=self.implementation)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    maybe_sow_attention(self, lambda: jax.nn.softmax(
+        jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (d // h) ** -0.5))
     return dense(d, "proj", ("heads_merged", "embed"), self.dtype)(o.reshape(b, n, d))
 
 
@@ -207,5 +217,14 @@ class MediatorAttention(nn.Module):
     o = mediator_attention(q.reshape(b, num, h, hd), k.reshape(b, num, h, hd),
                            v.reshape(b, num, h, hd), m, bias1, bias2, scale=hd ** -0.5,
                            impl=self.impl)
+    maybe_sow_attention(self, lambda: _mediator_effective_attention(
+        q.reshape(b, num, h, hd), k.reshape(b, num, h, hd), m, bias1, bias2, hd ** -0.5))
     o = o.reshape(b, num, d) + self.dwc(v.reshape(b, g, g, d)).reshape(b, num, d)
     return self.proj(o)
+
+
+def _mediator_effective_attention(q, k, m, bias1, bias2, scale):
+  """A2 @ A1: (B, h, N, N), the query -> key attention that mediator attention applies to V."""
+  a1 = jax.nn.softmax(jnp.einsum("bmhd,bkhd->bhmk", m * scale, k) + bias1, axis=-1)
+  a2 = jax.nn.softmax(jnp.einsum("bqhd,bmhd->bhqm", q * scale, m) + bias2, axis=-1)
+  return jnp.einsum("bhqm,bhmk->bhqk", a2, a1)

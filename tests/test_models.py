@@ -200,3 +200,19 @@ def test_bad_call_inputs():
     model.apply({"params": params}, jnp.zeros((2, 8, 8, 4)), jnp.zeros((2,)), np.array([0, 11]))
   with pytest.raises(ValueError, match=r"labels must be in \[0, 10\]"):
     model.apply({"params": params}, jnp.zeros((1, 8, 8, 4)), t, np.array([-1]))
+
+
+def test_attention_maps_collection():
+  """Effective attention rows are sown on request: rows sum to 1; mediator maps = A2 @ A1."""
+  for n in (0, 4):
+    model = models.build_model("SiT-S/2", input_size=8, depth=2, hidden_size=64, num_heads=2,
+                               num_classes=10, mediator_num=n)
+    params = models.init_params(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 4))
+    out, state = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.full((3,), 0.5),
+                                                  jnp.arange(3), mutable=["attention_maps"]))(params, x)
+    maps = state["attention_maps"]
+    assert sorted(maps) == ["blocks_0", "blocks_1"]
+    probs = maps["blocks_0"]["attn"]["probs"][0]
+    assert probs.shape == (3, 2, 16, 16)
+    np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)

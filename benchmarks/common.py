@@ -1,0 +1,49 @@
+"""Shared helpers for benchmark scripts: timing, device description, table and JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import numpy as np
+
+
+def device_description() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", d.platform)
+  cpu = platform.processor() or platform.machine()
+  return f"{d.platform}:{kind} x{jax.device_count()} ({os.cpu_count()} host cores, {cpu}), jax {jax.__version__}"
+
+
+def time_fn(fn, *args, warmup: int = 1, repeats: int = 5, min_time: float = 0.0) -> dict:
+  """Median/min wall-clock seconds of `fn(*args)` (blocks on the result). Compiles in warmup."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  start = time.perf_counter()
+  while len(times) < repeats or (time.perf_counter() - start) < min_time:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "runs": len(times)}
+
+
+def print_table(rows: list[dict], cols: list[str]) -> str:
+  widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+  lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)),
+           "-|-".join("-" * w for w in widths)]
+  lines += [" | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+  text = "\n".join(lines)
+  print(text)
+  return text
+
+
+def write_json(path, payload: dict):
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  payload = {"device": device_description(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload}
+  path.write_text(json.dumps(payload, indent=2))
+  print(f"wrote {path}")

@@ -128,17 +128,19 @@ def _count_dots(jaxpr) -> int:
       k_in = rhs[dn.rhs_spec[1]]
       k_spatial = math.prod(rhs[i] for i in dn.rhs_spec[2:])
       total += math.prod(out) * k_in * k_spatial
-    for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subjaxprs(eqn):
+    for sub in _subjaxprs(eqn):
       total += _count_dots(sub)
   return total
 
 
 def _subjaxprs(eqn):
+  """Sub-jaxprs of an equation (pjit, remat, custom_jvp/vjp, scan bodies; cond branches)."""
   for v in eqn.params.values():
-    if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
-      yield v.jaxpr
-    elif hasattr(v, "eqns"):
-      yield v
+    for item in (v if isinstance(v, (tuple, list)) else (v,)):
+      if hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+        yield item.jaxpr
+      elif hasattr(item, "eqns"):
+        yield item
 
 
 # Reference table (fvcore on the official PyTorch code; spec/sit_mediators.md sections 1, 3, 7).

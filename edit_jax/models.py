@@ -314,8 +314,11 @@ class SiT(nn.Module):
           f"input_size (and convert/fine-tune the position-dependent parameters).")
     if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
       raise ValueError(f"t and y must have shape (B,) = ({x.shape[0]},); got t {t.shape}, y {y.shape}")
-    if not isinstance(y, jax.core.Tracer):
+    try:  # host-side label check when y is concrete; skipped under jit (traced values)
       y_np = np.asarray(y)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      y_np = None
+    if y_np is not None:
       hi = self.num_classes if self.class_dropout_prob > 0 else self.num_classes - 1
       if y_np.size and (y_np.min() < 0 or y_np.max() > hi):
         raise ValueError(
@@ -325,8 +328,7 @@ class SiT(nn.Module):
 
   def __call__(self, x, t, y, train: bool = False):
     """x (B, H, W, C) NHWC, t (B,), y (B,) int -> (B, H, W, in_channels)."""
-    t = jnp.asarray(t)
-    y = jnp.asarray(y) if not isinstance(y, (jax.Array, jax.core.Tracer)) else y
+    t, y = jnp.asarray(t), jnp.asarray(y)
     self.check_inputs(x, t, y)
     pos = jnp.asarray(sincos_pos_embed(self.hidden_size, self.grid))
     h = constrain(self.x_embedder(x.astype(self.dtype)) + pos.astype(self.dtype))

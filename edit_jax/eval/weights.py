@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import re
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -207,9 +206,6 @@ def default_leaf_rule(path: tuple[str, ...], shape: tuple[int, ...],
     kind = "vector"
     tname = {"scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
   return [f"{prefix}.{tname}" if prefix else tname], kind
-
-
-_INDEXED = re.compile(r"^(.*)_(\d+)$")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

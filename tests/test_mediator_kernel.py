@@ -227,5 +227,10 @@ def test_gpu_tpu_plans_lower(platform, target):
 
   checks = [export.DisabledSafetyCheck.custom_call(target)]
   for fn, n_kernels in ((fwd, 2), (grad, 3)):   # grad: fwd stage 1 + both backward kernels
-    exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*specs)
+    try:
+      exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*specs)
+    except RuntimeError as e:  # jax >= 0.11 needs a (possibly abstract) GPU device for Triton
+      if "No supported GPU devices found" in str(e):
+        pytest.skip(f"this jax ({jax.__version__}) cannot lower Triton without a GPU: {e}")
+      raise
     assert exported.mlir_module().count(f"@{target}(") == n_kernels

@@ -1,0 +1,338 @@
+"""Checkpoints: Orbax CheckpointManager (async) for training state, fallbacks, and weight loading.
+
+A training checkpoint lives in ``WORKDIR/checkpoints/<step>/`` with two items:
+  - ``state``: the TrainState pytree (step, params, opt_state, ema_params), saved sharded; restored
+    onto any mesh / device count by passing the target shardings (``abstract_state``).
+  - ``meta``: JSON {"step", "data_position" (next global step the input pipeline reads),
+    "model_config" (``edit_jax.models.model_config``), "config" (the ml_collections config)}.
+
+Restoring walks the steps newest first: a truncated/corrupt checkpoint is reported with the error
+and moved aside to ``checkpoints/corrupt-<step>-<time>`` (so the run can save that step again), and
+the previous one is used.
+
+Also here: initializing from other weights (``load_init_params`` + ``merge_params``), moving
+mediator parameters to another resolution (``resize_mediator_params``) and
+``load_params_for_sampling`` for the sampling CLI.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
+
+from edit_jax import models
+
+CKPT_SUBDIR = "checkpoints"
+TORCH_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors", ".bin")
+# Axis of the grid dimension in each mediator axis-bias table (shapes: see edit_jax.attention).
+AXIS_BIAS_GRID_AXIS = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or a checkpoint that does not fit the model."""
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / CKPT_SUBDIR
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints
+# ----------------------------------------------------------------------------------------------
+
+class Checkpointer:
+  """Thin wrapper over ``ocp.CheckpointManager`` with items ``state`` and ``meta``."""
+
+  def __init__(self, directory, max_to_keep: int | None = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = epath.Path(directory)
+    self._opts = dict(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                      create=not read_only, read_only=read_only)
+    self.manager = self._make()
+
+  def _make(self):
+    return ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
+                                 options=ocp.CheckpointManagerOptions(**self._opts))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, meta: dict, force: bool = True) -> bool:
+    """Starts an (async) save of ``state`` and ``meta`` at ``step``."""
+    return self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def reached_preemption(self, step: int) -> bool:
+    try:
+      return bool(self.manager.reached_preemption(int(step)))
+    except Exception:  # noqa: BLE001 - the preemption service is optional
+      return False
+
+  def restore_meta(self, step: int) -> dict:
+    out = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+  def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict] | None:
+    """(state, meta) from ``step`` (default: newest usable one), or None if there is none.
+
+    ``abstract_state``: a pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` set (the target
+    mesh/shardings; they may differ from the ones at save time). Corrupt checkpoints are reported
+    with logging.error, moved aside, and the previous step is tried.
+    """
+    steps = [int(step)] if step is not None else sorted(self.all_steps(), reverse=True)
+    errors = []
+    for s in steps:
+      try:
+        out = self.manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        if errors:
+          logging.warning("resumed from checkpoint step %d after skipping unreadable ones: %s", s,
+                          "; ".join(errors))
+        return out["state"], dict(out["meta"])
+      except Exception as e:  # noqa: BLE001 - any read error means "corrupt", reported below
+        msg = (f"checkpoint step {s} in {self.directory} is unreadable "
+               f"({type(e).__name__}: {str(e).splitlines()[0][:300]})")
+        if step is not None:
+          raise CheckpointError(msg + ": delete it or pick another step") from e
+        logging.error("%s; falling back to the previous checkpoint", msg)
+        errors.append(msg)
+        self._quarantine(s)
+    if errors:
+      raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors)
+                            + ". Delete the directory to start from scratch.")
+    return None
+
+  def _quarantine(self, step: int):
+    """Moves an unreadable step directory aside so the step can be saved again."""
+    if jax.process_index() == 0:
+      src = self.directory / str(step)
+      dst = self.directory / f"corrupt-{step}-{int(time.time())}"
+      try:
+        src.rename(dst)
+        logging.error("moved unreadable checkpoint %s to %s", src, dst)
+      except Exception as e:  # noqa: BLE001
+        logging.error("could not move unreadable checkpoint %s aside: %s", src, e)
+    _barrier(f"quarantine-{step}")
+    self.manager.close()
+    self.manager = self._make()
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(name)
+
+
+def abstract_with_shardings(tree, shardings):
+  """ShapeDtypeStructs of ``tree`` (arrays or ShapeDtypeStructs) carrying ``shardings``."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolution change for mediator models
+# ----------------------------------------------------------------------------------------------
+
+def _interp_align_corners(x: np.ndarray, axis: int, new: int) -> np.ndarray:
+  """1-D linear interpolation along ``axis`` to ``new`` points, align_corners=True."""
+  old = x.shape[axis]
+  if old == new:
+    return x
+  pos = np.linspace(0.0, old - 1.0, new) if new > 1 else np.zeros(1)
+  lo = np.clip(np.floor(pos).astype(int), 0, old - 1)
+  hi = np.clip(lo + 1, 0, old - 1)
+  w = (pos - lo).astype(np.float64)
+  shape = [1] * x.ndim
+  shape[axis] = new
+  w = w.reshape(shape)
+  xl = np.take(x, lo, axis=axis).astype(np.float64)
+  xh = np.take(x, hi, axis=axis).astype(np.float64)
+  return (xl * (1 - w) + xh * w).astype(x.dtype)
+
+
+def resize_mediator_params(params, old_grid: int, new_grid: int):
+  """Moves mediator parameters from a ``old_grid`` to a ``new_grid`` token grid (the official
+  256 -> 512 -> 1024 fine-tuning rule of ``train_256to512.py``).
+
+  - ``ah_bias``/``aw_bias``/``ha_bias``/``wa_bias``: linear interpolation along their grid axis with
+    ``align_corners=True`` (e.g. 16 -> 32);
+  - ``an_bias``/``na_bias`` (7x7 tables, resized at run time) are kept;
+  - the sin-cos position embedding is regenerated: edit_jax computes it from ``input_size``, so there
+    is no parameter to change (a ``pos_embed`` leaf, if present, is recomputed).
+  Returns a new tree of numpy arrays; other leaves are unchanged.
+  """
+  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
+  out = {}
+  for path, v in flat.items():
+    name = path[-1]
+    if name in AXIS_BIAS_GRID_AXIS:
+      ax = AXIS_BIAS_GRID_AXIS[name]
+      if v.shape[ax] != old_grid:
+        raise ValueError(f"{'/'.join(path)} has shape {v.shape}: expected grid size {old_grid} on "
+                         f"axis {ax}; pass the grid (input_size // patch_size) it was trained at")
+      v = _interp_align_corners(v, ax, new_grid)
+    elif name == "pos_embed":
+      v = models.sincos_pos_embed(v.shape[-1], new_grid).reshape((1, new_grid ** 2, v.shape[-1]))
+    out[path] = v
+  return traverse_util.unflatten_dict(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading weights: training workdirs, converted checkpoints, official PyTorch files
+# ----------------------------------------------------------------------------------------------
+
+def _find_training_ckpt_dir(path: epath.Path) -> tuple[epath.Path, int | None] | None:
+  """(checkpoints dir, step or None) if ``path`` is a workdir, its checkpoints dir, or a step."""
+  if (path / CKPT_SUBDIR).is_dir():
+    return path / CKPT_SUBDIR, None
+  if (path / "state").is_dir() and (path / "meta").is_dir() and path.name.isdigit():
+    return path.parent, int(path.name)
+  if path.is_dir() and any(p.name.isdigit() and (p / "state").is_dir() for p in path.iterdir()):
+    return path, None
+  return None
+
+
+def _restore_params_from_training(ckdir: epath.Path, step: int | None, ema: bool):
+  ck = Checkpointer(ckdir, read_only=True)
+  steps = [step] if step is not None else sorted(ck.all_steps(), reverse=True)
+  if not steps:
+    raise CheckpointError(f"{ckdir} holds no checkpoints")
+  key = "ema_params" if ema else "params"
+  errors = []
+  for s in steps:
+    try:
+      meta = ck.restore_meta(s)
+      model = models.model_from_config(meta["model_config"])
+      abstract = models.abstract_params(model)
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            abstract)
+      handler_args = ocp.args.PyTreeRestore(
+          item={key: target},
+          restore_args={key: jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding),
+                                          abstract)},
+          partial_restore=True)
+      out = ck.manager.restore(s, args=ocp.args.Composite(state=handler_args))
+      return model, out["state"][key], meta
+    except Exception as e:  # noqa: BLE001
+      errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      logging.error("could not read checkpoint %s/%s (%s); trying the previous one", ckdir, s,
+                    errors[-1])
+  raise CheckpointError(f"no readable checkpoint in {ckdir}: " + "; ".join(errors))
+
+
+def load_init_params(path: str, ema: bool = True, num_heads: int | None = None):
+  """(source model or None, params as numpy tree, description) from any supported source:
+
+  - a training workdir / its checkpoints dir / one step dir (EMA params by default);
+  - a directory written by ``python -m edit_jax.convert`` (``model_config.json`` + ``params``);
+  - an official PyTorch-named file (.pt/.pth/.npz/.safetensors) via
+    ``edit_jax.convert.load_torch_checkpoint``.
+  """
+  from edit_jax import convert  # noqa: PLC0415
+  p = epath.Path(path)
+  if not p.exists():
+    raise CheckpointError(f"init_from={path!r} does not exist: pass a training workdir, a "
+                          "directory written by `python -m edit_jax.convert`, or a .pt/.npz file")
+  if p.is_file():
+    if not str(p).endswith(TORCH_SUFFIXES):
+      raise CheckpointError(f"init_from={path!r}: unknown file type; expected one of "
+                            f"{TORCH_SUFFIXES} or a checkpoint directory")
+    model, params = convert.load_torch_checkpoint(str(p), num_heads=num_heads, use_ema=ema)
+    return model, jax.tree.map(np.asarray, params), f"official checkpoint {p}"
+  if (p / "model_config.json").exists():
+    model, params = convert.load_converted(str(p))
+    return model, jax.tree.map(np.asarray, params), f"converted checkpoint {p}"
+  found = _find_training_ckpt_dir(p)
+  if found is None:
+    raise CheckpointError(f"init_from={path!r} is a directory but neither a training workdir "
+                          "(with checkpoints/) nor a converted checkpoint (with model_config.json)")
+  model, params, meta = _restore_params_from_training(found[0], found[1], ema)
+  return (model, jax.tree.map(np.asarray, params),
+          f"training checkpoint {found[0]} step {meta.get('step')}")
+
+
+def merge_params(fresh, source, *, src_grid: int | None = None, dst_grid: int | None = None):
+  """Copies ``source`` tensors into ``fresh`` where names match.
+
+  Mediator axis biases whose grid differs (``src_grid`` != ``dst_grid``) are resized with
+  ``resize_mediator_params`` first. Returns (merged params as numpy, report dict with
+  "loaded", "missing" (kept fresh init), "mismatched" (shape differs; kept fresh), "unused").
+  """
+  if src_grid and dst_grid and src_grid != dst_grid:
+    source = resize_mediator_params(source, src_grid, dst_grid)
+  f_flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, fresh))
+  s_flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, source))
+  merged, report = {}, {"loaded": [], "missing": [], "mismatched": [], "unused": []}
+  for k, v in f_flat.items():
+    name = "/".join(k)
+    if k in s_flat and tuple(s_flat[k].shape) == tuple(v.shape):
+      merged[k] = s_flat[k].astype(v.dtype)
+      report["loaded"].append(name)
+    elif k in s_flat:
+      merged[k] = v
+      report["mismatched"].append(f"{name} {tuple(s_flat[k].shape)}->{tuple(v.shape)}")
+    else:
+      merged[k] = v
+      report["missing"].append(name)
+  report["unused"] = sorted("/".join(k) for k in s_flat if k not in f_flat)
+  return traverse_util.unflatten_dict(merged), report
+
+
+def load_params_for_sampling(workdir_or_ckpt: str, ema: bool = True, step: int | None = None,
+                             num_heads: int | None = None, **model_overrides):
+  """(model, params) for sampling/evaluation from any checkpoint.
+
+  ``workdir_or_ckpt``: a training workdir (newest readable step, or ``step``), a checkpoints dir or
+  step dir, a directory written by ``python -m edit_jax.convert``, or an official .pt/.npz file.
+  ``ema``: the EMA weights (default, as the official sampler) or the raw training weights.
+  ``model_overrides``: SiT fields to change (e.g. ``attention_impl="pallas"``, ``dtype=...``); the
+  architecture fields must match the checkpoint. ``num_heads``: only for official files of a
+  non-standard width (the converter infers it otherwise). Params land on the first local device.
+  """
+  from edit_jax import convert  # noqa: PLC0415
+  p = epath.Path(workdir_or_ckpt)
+  if not p.exists():
+    raise CheckpointError(f"{workdir_or_ckpt!r} does not exist: pass a training workdir, a "
+                          "converted checkpoint directory or a .pt/.npz file")
+  if p.is_file():
+    return convert.load_torch_checkpoint(str(p), num_heads=num_heads, use_ema=ema,
+                                         **model_overrides)
+  if (p / "model_config.json").exists():
+    return convert.load_converted(str(p), **model_overrides)
+  found = _find_training_ckpt_dir(p)
+  if found is None:
+    raise CheckpointError(f"{workdir_or_ckpt!r} holds no checkpoint: expected a training workdir "
+                          "(checkpoints/<step>/), or a directory with model_config.json")
+  model, params, meta = _restore_params_from_training(found[0], step if step is not None else found[1],
+                                                      ema)
+  if model_overrides:
+    cfg = models.model_config(model)
+    cfg.update(model_overrides)
+    model = models.model_from_config(cfg)
+  logging.info("loaded %s params of step %s from %s", "EMA" if ema else "raw", meta.get("step"),
+               found[0])
+  return model, params
+
+
+def write_json(path, obj):
+  """Writes JSON to a local or gs:// path (process 0 only is the caller's job)."""
+  epath.Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+

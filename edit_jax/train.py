@@ -1,0 +1,675 @@
+"""Training: sharded SiT (with or without attention mediators) from one CPU to TPU pods.
+
+    python -m edit_jax.main --config=configs/sit.py:S2-med64 --workdir=gs://bucket/run1
+
+``train_and_evaluate(config, workdir)`` builds a ``("data", "fsdp")`` mesh, creates the train state
+born sharded (params + AdamW state + EMA, by the model's logical axis names; see
+``edit_jax.sharding``), resumes from ``workdir/checkpoints`` when possible (else initializes, or
+loads ``config.init_from``), and runs one jitted, donated train step per global batch:
+
+    rng_t = fold_in(rng_base, step);  loss = transport loss (edit_jax.transport.make_loss_fn)
+    grads (optionally accumulated over micro-batches) -> [clip] -> AdamW -> EMA update
+
+Recipe of the paper / official code (spec/sit_mediators.md section 6): AdamW lr 1e-4, no weight
+decay, betas (0.9, 0.999), constant lr, no clipping, global batch 256, EMA decay 0.9999 updated
+every step (initialized as a copy), label dropout 0.1, fp32. Options beyond it: bf16 compute with
+fp32 master weights (``model.dtype``), rematerialization (``model.remat``), gradient clipping,
+warm-up and cosine/linear schedules, gradient accumulation, EMA warm-up.
+
+Multi-host: ``jax.distributed.initialize`` runs when ``config.distributed.enabled`` (or the
+``EDIT_JAX_DISTRIBUTED`` environment variable) says so; each process reads its slice of every
+global batch (``edit_jax.data``) and the slices are assembled with
+``jax.make_array_from_process_local_data``. Only process 0 writes logs, TensorBoard and PNGs;
+collectives (sampling, checkpointing, preemption checks) run on every process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from edit_jax import checkpoint as ckpt_lib
+from edit_jax import data as data_lib
+from edit_jax import metrics as metrics_lib
+from edit_jax import models
+from edit_jax import sharding as sharding_lib
+from edit_jax import transport as transport_lib
+
+# Re-exported: the official 256 -> 512 -> 1024 rule lives with the other checkpoint helpers.
+resize_mediator_params = ckpt_lib.resize_mediator_params
+
+# ImageNet classes used for sample grids by default (as in the DiT/SiT sample scripts).
+IMAGENET_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+
+
+class ConfigError(ValueError):
+  """The experiment config is inconsistent; the message names the field and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every training option with the official recipe's values (configs/*.py start from this)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Model: a name from edit_jax.models.MODEL_NAMES; size fields left at 0 come from the name.
+  c.model = ml_collections.ConfigDict(dict(
+      name="SiT-XL/2", input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
+      learn_sigma=True, mediator_num=0, mediator_layers="all", attention_impl="xla",
+      full_attention_impl="", dtype="float32", remat=False,
+      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0))
+  c.transport = ml_collections.ConfigDict(dict(
+      path_type="Linear", prediction="velocity", loss_weight="none",
+      train_eps=-1.0, sample_eps=-1.0))  # < 0: the official defaults
+  c.data = ml_collections.ConfigDict(dict(
+      name="latents", path="", image_size=256, channels=3, num_classes=1000, random_flip=True,
+      latent_sample=True, space="pixels", latent_channels=4, tfds_name="", split="train",
+      image_key="image", label_key="label", num_threads=4, prefetch=4, worker_count=0))
+  c.global_batch_size = 256
+  c.num_train_steps = 400_000
+  c.grad_accum_steps = 1
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, schedule="constant",
+      warmup_steps=0, end_lr_factor=0.0, grad_clip=0.0))
+  c.ema_decay = 0.9999
+  c.ema_warmup = False           # decay_t = min(decay, (1 + t) / (10 + t)) when True
+  # Mesh: sizes for ("data", "fsdp"); one may be -1. fsdp_min_size: smaller tensors replicate.
+  c.mesh_shape = (-1, 1)
+  c.mesh_axes = ("data", "fsdp")
+  c.fsdp_min_size = 2 ** 14
+  c.log_every = 100
+  c.checkpoint_every = 5000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.preemption_sync_every = 10   # multi-process: steps between agreeing on SIGTERM
+  c.sample = ml_collections.ConfigDict(dict(
+      every=10000, method="heun2", num_steps=50, cfg_scale=4.0, guide_channels=3,
+      classes=IMAGENET_SAMPLE_CLASSES, per_class=2, vae_path="", seed=1, upscale=1))
+  c.init_from = ""               # workdir / converted dir / .pt / .npz to initialize params from
+  c.init_from_ema = True
+  c.init_from_grid = 0           # token grid of init_from weights if it differs (0: infer)
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled="auto", coordinator_address="", num_processes=0, process_id=-1))
+  c.peak_tflops_per_device = 0.0  # 0: from metrics.PEAK_TFLOPS / CPU estimate
+  c.max_train_seconds = 0.0      # > 0: stop (save + samples) after this much training time
+  return c
+
+
+def get_model(config) -> models.SiT:
+  """The SiT described by ``config.model`` (validated)."""
+  mc = config.model.to_dict()
+  name = mc.pop("name")
+  kwargs = {}
+  for k, v in mc.items():
+    if k in ("hidden_size", "depth", "num_heads", "patch_size") and not v:
+      continue
+    if k == "dtype":
+      v = jnp.dtype(v)
+    elif k == "mediator_layers":
+      v = None if v in ("all", "", None) else v
+    elif k == "full_attention_impl":
+      v = v or None
+    kwargs[k] = v
+  try:
+    return models.build_model(name, **kwargs)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e
+
+
+def get_transport(config) -> transport_lib.Transport:
+  tc = config.transport
+  lw = tc.loss_weight
+  return transport_lib.create_transport(
+      tc.path_type, tc.prediction, None if lw in ("none", "None", "", None) else lw,
+      None if tc.train_eps < 0 else tc.train_eps, None if tc.sample_eps < 0 else tc.sample_eps)
+
+
+def check_config(config, model: models.SiT, example_shape, num_classes: int):
+  """Cross-checks model vs data and the step counters; raises ConfigError."""
+  expect = (model.input_size, model.input_size, model.in_channels)
+  if tuple(example_shape) != expect:
+    raise ConfigError(
+        f"data examples have shape {tuple(example_shape)} (H, W, C) but the model expects "
+        f"{expect}: set --config.model.input_size={example_shape[0]} "
+        f"--config.model.in_channels={example_shape[2]} (latents: image_size // 8, 4 channels)")
+  if model.num_classes != num_classes:
+    raise ConfigError(f"model.num_classes={model.num_classes} but the data has {num_classes} "
+                      f"classes: set --config.model.num_classes={num_classes}")
+  for k in ("num_train_steps", "log_every", "checkpoint_every", "global_batch_size"):
+    if config[k] <= 0:
+      raise ConfigError(f"config.{k}={config[k]} must be > 0")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ConfigError(f"ema_decay={config.ema_decay} must be in [0, 1)")
+  if config.optim.schedule not in ("constant", "cosine", "linear"):
+    raise ConfigError(f"optim.schedule={config.optim.schedule!r}: expected constant, cosine or "
+                      "linear")
+
+
+# ----------------------------------------------------------------------------------------------
+# State, optimizer, step
+# ----------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+  """step () int32; params, ema_params: SiT params (fp32); opt_state: optax state."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+def make_schedule(oc, num_steps: int) -> Callable:
+  lr = oc.learning_rate
+  warm = int(oc.warmup_steps)
+  if oc.schedule == "constant":
+    main = optax.constant_schedule(lr)
+  elif oc.schedule == "cosine":
+    main = optax.cosine_decay_schedule(lr, max(num_steps - warm, 1), alpha=oc.end_lr_factor)
+  else:
+    main = optax.linear_schedule(lr, lr * oc.end_lr_factor, max(num_steps - warm, 1))
+  if warm <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW (+ optional global-norm clipping) with the configured schedule."""
+  oc = config.optim
+  schedule = make_schedule(oc, config.num_train_steps)
+  tx = optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+  if oc.grad_clip and oc.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
+  return tx, schedule
+
+
+def _init_state_boxed(model: models.SiT, tx, rng) -> TrainState:
+  variables = model.init({"params": rng}, *models.dummy_inputs(model))
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params)
+
+
+def state_shardings(model, tx, mesh, rules, fsdp_min_size: int = 0):
+  """(abstract unboxed TrainState, TrainState of NamedShardings)."""
+  boxed = jax.eval_shape(lambda r: _init_state_boxed(model, tx, r), jax.random.key(0))
+  shardings = sharding_lib.logical_shardings(boxed, mesh, rules, fsdp_min_size)
+  return sharding_lib.strip_boxes(boxed), shardings
+
+
+def create_train_state(model, tx, mesh, rng, rules=sharding_lib.DEFAULT_RULES,
+                       fsdp_min_size: int = 0):
+  """A fresh TrainState, born sharded: ``jax.jit(init, out_shardings=...)``.
+
+  Returns (state, shardings). The EMA starts as a copy of the params (official update_ema(0)).
+  """
+  _, shardings = state_shardings(model, tx, mesh, rules, fsdp_min_size)
+  init = jax.jit(lambda r: sharding_lib.strip_boxes(_init_state_boxed(model, tx, r)), out_shardings=shardings)
+  return init(rng), shardings
+
+
+def ema_decay_at(step, decay: float, warmup: bool):
+  if not warmup:
+    return jnp.float32(decay)
+  s = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + s) / (10.0 + s))
+
+
+def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps: int = 1,
+                    ema_decay: float = 0.9999, ema_warmup: bool = False,
+                    batch_axes=sharding_lib.BATCH, donate: bool = True):
+  """The jitted train step ``(state, batch, rng_base) -> (state, TrainMetrics)``.
+
+  batch: {"x": (G, H, W, C) float32, "y": (G,) int32}, sharded over ``batch_axes``.
+  The per-step rng is ``fold_in(rng_base, state.step)`` (micro-batch i: fold_in(that, i)).
+  With ``grad_accum_steps = k`` the batch is split into k micro-batches (rows i, i+k, ...), their
+  gradients are averaged in a ``lax.scan``, then one optimizer update is applied.
+  """
+  batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  bsh = NamedSharding(mesh, P(batch_axes))
+  rep = NamedSharding(mesh, P())
+  k = int(grad_accum_steps)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state: TrainState, batch, rng_base):
+    rng = jax.random.fold_in(rng_base, state.step)
+    x, y = batch["x"], batch["y"]
+    if k == 1:
+      (loss, _), grads = grad_fn(state.params, x, y, rng)
+    else:
+      def split(a):  # (G, ...) -> (k, G/k, ...); micro-batch i = rows i, i+k, ... (device-local)
+        a = a.reshape((a.shape[0] // k, k) + a.shape[1:])
+        a = jnp.moveaxis(a, 1, 0)
+        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(None, batch_axes)))
+
+      def body(carry, inp):
+        g_acc, l_acc = carry
+        xi, yi, i = inp
+        (li, _), gi = grad_fn(state.params, xi, yi, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, g_acc, gi), l_acc + li), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0)),
+                                      (split(x), split(y), jnp.arange(k)))
+      grads = jax.tree.map(lambda g: g / k, grads)
+      loss = loss / k
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    m = metrics_lib.TrainMetrics.single_from_model_output(
+        loss=loss, grad_norm=grad_norm, learning_rate=jnp.asarray(schedule(state.step)),
+        nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32))
+    return new_state, m
+
+  return jax.jit(step_fn, in_shardings=(shardings, {"x": bsh, "y": bsh}, rep),
+                 out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-host, preemption
+# ----------------------------------------------------------------------------------------------
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _is_distributed_initialized() -> bool:
+  try:
+    return bool(jax.distributed.is_initialized())
+  except AttributeError:  # pragma: no cover - older jax
+    from jax._src import distributed  # noqa: PLC0415
+    return distributed.global_state.client is not None
+
+
+def _cluster_env_detected() -> bool:
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):  # multi-host TPU slice
+    return True
+  for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    if int(env.get(k, "1") or 1) > 1:
+      return True
+  return False
+
+
+def maybe_initialize_distributed(config=None) -> bool:
+  """Calls ``jax.distributed.initialize`` when asked; returns whether it is initialized.
+
+  ``config.distributed.enabled``: "auto" (initialize on a detected multi-host cluster: multi-host
+  TPU slice, JAX_COORDINATOR_ADDRESS, SLURM/Open MPI with > 1 task), True or False. The
+  ``EDIT_JAX_DISTRIBUTED`` environment variable overrides it. Explicit coordinator_address /
+  num_processes / process_id are passed on (needed off TPU, e.g. GPUs or local tests).
+  Must run before anything else touches the JAX backend.
+  """
+  if _is_distributed_initialized():
+    return True
+  dc = config.get("distributed") if config is not None else None
+  enabled = str(dc.enabled if dc is not None else "auto").lower()
+  env = os.environ.get("EDIT_JAX_DISTRIBUTED", "").lower()
+  if env:
+    enabled = env
+  if enabled in _FALSE:
+    return False
+  if enabled not in _TRUE and not _cluster_env_detected():
+    return False
+  kwargs = {}
+  if dc is not None:
+    if dc.coordinator_address:
+      kwargs["coordinator_address"] = dc.coordinator_address
+    if dc.num_processes > 0:
+      kwargs["num_processes"] = int(dc.num_processes)
+    if dc.process_id >= 0:
+      kwargs["process_id"] = int(dc.process_id)
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed initialized: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM (and Orbax/TPU preemption notices) into a clean "save and stop" request.
+
+  In multi-process runs the decision is agreed on every ``sync_every`` steps with one tiny
+  all-gather, so every process stops at the same step.
+  """
+
+  def __init__(self, sync_every: int = 10):
+    self.requested = threading.Event()
+    self.sync_every = max(int(sync_every), 1)
+    self._old = None
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):  # noqa: ARG002
+    logging.warning("received signal %d: will save a checkpoint and exit", signum)
+    self.requested.set()
+
+  def should_stop(self, step: int, checkpointer: ckpt_lib.Checkpointer | None) -> bool:
+    local = self.requested.is_set()
+    if jax.process_count() == 1:
+      return local or bool(checkpointer and checkpointer.reached_preemption(step))
+    if step % self.sync_every:
+      return False
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    flags = multihost_utils.process_allgather(np.asarray([int(local)], np.int32))
+    return bool(np.any(flags)) or bool(checkpointer and checkpointer.reached_preemption(step))
+
+  def close(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+      self._old = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling grids
+# ----------------------------------------------------------------------------------------------
+
+def sample_labels(config, num_classes: int) -> np.ndarray:
+  classes = [c for c in config.sample.classes if 0 <= c < num_classes]
+  if not classes:
+    classes = list(range(min(num_classes, 8)))
+  return np.repeat(np.asarray(classes, np.int32), int(config.sample.per_class))
+
+
+def make_sampler(config, model, transport, mesh, ema_shardings):
+  """A jitted ``(ema_params, x0, y) -> samples`` with edit_jax.samplers (EMA model, CFG)."""
+  from edit_jax import samplers  # noqa: PLC0415
+  sc = config.sample
+  if sc.method in ("Euler", "Heun"):
+    cfg = samplers.SDEConfig(method=sc.method, num_steps=sc.num_steps)
+  else:
+    cfg = samplers.ODEConfig(method=sc.method, num_steps=sc.num_steps)
+  gc = None if sc.guide_channels is None or sc.guide_channels < 0 else int(sc.guide_channels)
+  if gc is not None and gc > model.in_channels:
+    gc = None
+  fn = samplers.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale, guide_channels=gc)
+  rep = NamedSharding(mesh, P())
+  return jax.jit(lambda p, x0, y, rng: fn(p, x0, y, rng).x,
+                 in_shardings=(ema_shardings, rep, rep, rep), out_shardings=rep)
+
+
+def samples_to_images(x: np.ndarray, config, vae_state) -> np.ndarray | None:
+  """Samples (N, H, W, C) -> uint8 (N, H', W', 1|3): pixels directly, latents through the VAE."""
+  if config.data.name == "latents" or config.data.get("space", "pixels") == "latents":
+    if vae_state is None:
+      return None
+    from edit_jax.eval import vae  # noqa: PLC0415
+    return vae.decode_latents(vae_state, x, batch_size=8)
+  return metrics_lib.to_uint8(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
+  abstract, shardings = state_shardings(model, tx, mesh, rules, config.fsdp_min_size)
+  target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+  restored = ckpt.restore(target)
+  if restored is not None:
+    state, meta = restored
+    saved = meta.get("model_config")
+    if saved and saved != models.model_config(model):
+      diff = {k: (saved.get(k), v) for k, v in models.model_config(model).items()
+              if saved.get(k) != v}
+      logging.warning("model config differs from the checkpoint's (saved, now): %s", diff)
+    logging.info("resumed from %s step %d", ckpt.directory, int(meta["step"]))
+    return state, shardings, meta
+  state, _ = create_train_state(model, tx, mesh, init_rng, rules, config.fsdp_min_size)
+  if config.init_from:
+    src_model, src_params, desc = ckpt_lib.load_init_params(
+        config.init_from, ema=config.init_from_ema, num_heads=model.num_heads)
+    src_grid = config.init_from_grid or (src_model.grid if src_model is not None else model.grid)
+    if not all(a.is_fully_addressable for a in jax.tree.leaves(state.params)):
+      raise ConfigError("init_from with parameters spread over several hosts is not supported: "
+                        "initialize on one host and resume from the resulting checkpoint")
+    fresh = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), state.params)
+    merged, report = ckpt_lib.merge_params(fresh, src_params, src_grid=src_grid,
+                                           dst_grid=model.grid)
+    logging.info("init_from %s: loaded %d tensors%s", desc, len(report["loaded"]),
+                 f" (resized mediator biases {src_grid}->{model.grid})"
+                 if src_grid != model.grid else "")
+    if report["missing"]:
+      logging.info("init_from: %d tensors missing from the source keep their fresh init: %s",
+                    len(report["missing"]), ", ".join(report["missing"]))
+    if report["mismatched"]:
+      logging.warning("init_from: %d tensors with other shapes keep their fresh init: %s",
+                      len(report["mismatched"]), ", ".join(report["mismatched"]))
+    if report["unused"]:
+      logging.warning("init_from: %d source tensors are not used by this model: %s",
+                      len(report["unused"]), ", ".join(report["unused"]))
+    params = jax.device_put(merged, shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)(params)
+    state = state.replace(params=params, opt_state=opt_state, ema_params=ema)
+  return state, shardings, None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains until ``config.num_train_steps`` (resuming from ``workdir``); returns a summary.
+
+  Summary: {"step", "loss" (last logged), "stopped" ("done" | "preempted" | "time_limit"),
+  "workdir", "state" (the final TrainState)}.
+  Raises FloatingPointError when the loss becomes non-finite (nothing is saved after the last
+  finite check, so the last checkpoint stays good), ConfigError / MeshError / DataError for bad
+  settings.
+  """
+  maybe_initialize_distributed(config)
+  workdir = str(workdir)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  is_main = pidx == 0
+
+  model = get_model(config)
+  transport = get_transport(config)
+  mesh = sharding_lib.make_mesh(config.mesh_shape, tuple(config.mesh_axes))
+  sharding_lib.check_batch_size(config.global_batch_size, mesh, config.grad_accum_steps, pcount)
+  pipeline = data_lib.make_pipeline(config.data, seed=config.seed,
+                                    global_batch_size=config.global_batch_size,
+                                    process_index=pidx, process_count=pcount)
+  check_config(config, model, pipeline.shape, pipeline.num_classes)
+  rules = sharding_lib.rules_from_config(config)
+  tx, schedule = make_optimizer(config)
+
+  wd = epath.Path(workdir)
+  if is_main:
+    wd.mkdir(parents=True, exist_ok=True)
+    ckpt_lib.write_json(wd / "config.json", _config_json(config))
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints,
+                               async_save=config.async_checkpointing)
+  base = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(base)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, shardings, meta = _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng)
+    start = int(jax.device_get(state.step))
+    if meta is not None and int(meta.get("data_position", start)) != start:
+      logging.warning("checkpoint data_position %s != step %d; following the step",
+                      meta.get("data_position"), start)
+    loss_fn = transport_lib.make_loss_fn(model, transport)
+    step_fn = make_train_step(loss_fn, tx, schedule, mesh, shardings,
+                              grad_accum_steps=config.grad_accum_steps,
+                              ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
+                              batch_axes=sharding_lib.BATCH)
+    bsh = sharding_lib.batch_sharding(mesh)
+    rep = sharding_lib.replicated(mesh)
+    writer = metrics_lib.Writer(str(wd / "tensorboard"), enabled=is_main)
+    if is_main:
+      metrics_lib.log_parameter_overview(state.params)
+      logging.info("model %s (mediators %s): %s params, %.3f GFLOPs/forward; mesh %s; global "
+                   "batch %d", config.model.name or "custom", model.mediator_num or "none",
+                   f"{models.count_params(state.params):,}",
+                   _gflops(model), dict(mesh.shape), config.global_batch_size)
+      writer.text(start, "config", "```\n" + str(config) + "\n```")
+
+    flops_per_image = 2.0 * 3.0 * _gflops(model) * 1e9
+    peak = metrics_lib.peak_tflops_per_device(override=config.peak_tflops_per_device)
+    total = int(config.num_train_steps)
+    sampler = vae_state = None
+    if config.sample.every > 0:
+      sampler = make_sampler(config, model, transport, mesh, shardings.ema_params)
+      if config.sample.vae_path:
+        from edit_jax.eval import vae  # noqa: PLC0415
+        vae_state = vae.load_vae_params(config.sample.vae_path)
+    labels = sample_labels(config, pipeline.num_classes)
+    sample_key = jax.random.key(config.sample.seed)
+    x0 = jax.random.normal(sample_key, (len(labels),) + tuple(pipeline.shape), jnp.float32)
+    y0 = jnp.asarray(labels)
+
+    def save(step, reason):
+      if is_main:
+        logging.info("saving checkpoint at step %d (%s)", step, reason)
+      ckpt.save(step, state, {"step": step, "data_position": step,
+                              "model_config": models.model_config(model),
+                              "config": _config_json(config)})
+
+    def write_samples(step):
+      if sampler is None:
+        return
+      x = np.asarray(jax.device_get(sampler(state.ema_params, x0, y0, sample_key)))
+      if is_main:
+        imgs = samples_to_images(x, config, vae_state)
+        if imgs is None:
+          import io  # noqa: PLC0415
+          buf = io.BytesIO()
+          np.save(buf, x)
+          (wd / "samples").mkdir(parents=True, exist_ok=True)
+          (wd / "samples" / f"step_{step:07d}_latents.npy").write_bytes(buf.getvalue())
+          logging.info("step %d: saved latent samples (set config.sample.vae_path to decode them "
+                       "to a PNG grid)", step)
+          return
+        grid = metrics_lib.make_grid(imgs, nrow=int(config.sample.per_class) if len(
+            set(labels.tolist())) > 1 else int(math.sqrt(len(labels))) or 1)
+        up = int(config.sample.get("upscale", 1))
+        if up > 1:
+          grid = np.repeat(np.repeat(grid, up, axis=0), up, axis=1)
+        path = str(wd / "samples" / f"step_{step:07d}.png")
+        writer.image(step, "samples", grid, png_path=path)
+        metrics_lib.save_png(str(wd / "samples" / "latest.png"), grid)
+        logging.info("step %d: wrote %s", step, path)
+
+    watcher = PreemptionWatcher(config.preemption_sync_every)
+    it = pipeline.iterate(start)
+    acc = None
+    timer = metrics_lib.Timer()
+    t_start = time.perf_counter()
+    steps_since = 0
+    last_checked = start
+    last_saved = ckpt.latest_step()
+    last_scalars: dict[str, float] = {}
+    stopped = "done"
+    step = start
+    try:
+      while step < total:
+        batch = data_lib.to_global(next(it), bsh)
+        state, m = step_fn(state, batch, train_rng)
+        acc = m if acc is None else acc.merge(m)
+        step += 1
+        steps_since += 1
+        log_now = step % config.log_every == 0 or step == total
+        save_now = step % config.checkpoint_every == 0 or step == total
+        if log_now or save_now:
+          scalars = {k: float(v) for k, v in acc.compute().items()}
+          if scalars["nonfinite"] > 0 or not math.isfinite(scalars["loss"]):
+            raise FloatingPointError(
+                f"loss became non-finite (nan/inf) between steps {last_checked} and {step}; "
+                f"stopping without saving. The last good checkpoint is "
+                f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in "
+                f"{ckpt.directory}. Lower optim.learning_rate, set optim.grad_clip, add "
+                "optim.warmup_steps, or use model.dtype=float32.")
+          last_checked = step
+          scalars.pop("nonfinite")
+          dt = timer.lap()
+          scalars.update(metrics_lib.throughput(steps_since, dt, config.global_batch_size,
+                                                flops_per_image, jax.device_count(), peak))
+          if not math.isfinite(scalars["mfu"]):
+            scalars.pop("mfu")
+          eta = (total - step) / max(scalars["steps_per_sec"], 1e-9)
+          if is_main:
+            logging.info(metrics_lib.progress_line(step, total, scalars, eta))
+            writer.scalars(step, scalars)
+          last_scalars = scalars
+          acc, steps_since = None, 0
+        if save_now:
+          save(step, "periodic" if step < total else "final")
+          last_saved = step
+        if config.sample.every > 0 and (step % config.sample.every == 0 or step == total):
+          write_samples(step)
+          timer.lap()  # sampling time is not training throughput
+        out_of_time = (config.max_train_seconds > 0 and log_now and step < total
+                       and _agree(time.perf_counter() - t_start > config.max_train_seconds))
+        if out_of_time:
+          logging.warning("max_train_seconds=%s reached at step %d of %d: saving, writing samples "
+                          "and stopping early", config.max_train_seconds, step, total)
+          if last_saved != step:
+            save(step, "time limit")
+            last_saved = step
+          if config.sample.every > 0 and step % config.sample.every:
+            write_samples(step)
+          stopped = "time_limit"
+          break
+        if step < total and watcher.should_stop(step, ckpt):
+          if last_saved != step:
+            save(step, "preemption/SIGTERM")
+            last_saved = step
+          stopped = "preempted"
+          logging.warning("stopping at step %d after a termination request; resume by rerunning "
+                          "the same command", step)
+          break
+    finally:
+      watcher.close()
+      ckpt.wait()
+      writer.flush()
+      writer.close()
+    ckpt.close()
+  elapsed = time.perf_counter() - t_start
+  if is_main:
+    logging.info("finished at step %d (%s) in %s", step, stopped,
+                 metrics_lib.format_duration(elapsed))
+  return {"step": step, "loss": last_scalars.get("loss", float("nan")), "stopped": stopped,
+          "workdir": workdir, "state": state}
+
+
+def _agree(flag: bool) -> bool:
+  """True on every process if it is True on process 0 (host-local decisions made global)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def _gflops(model) -> float:
+  from edit_jax import flops  # noqa: PLC0415
+  return flops.gflops(model)
+
+
+__all__ = [
+    "TrainState", "default_config", "get_model", "get_transport", "make_optimizer",
+    "create_train_state", "make_train_step", "train_and_evaluate", "resize_mediator_params",
+    "maybe_initialize_distributed", "state_shardings", "ConfigError",
+]

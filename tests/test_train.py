@@ -1,0 +1,289 @@
+"""End-to-end training: convergence on real digits, exact resume after kill -9, SIGTERM, corrupt
+checkpoints, non-finite loss, two-process jax.distributed training, config error messages."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+from edit_jax import checkpoint, data, sharding, train, transport
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The tiny experiment used by every end-to-end test here (also written to a config file for the
+# subprocesses, so in-process and child runs train exactly the same thing).
+CONFIG_PY = '''
+from edit_jax.train import default_config
+
+def get_config():
+  c = default_config()
+  c.model.update(dict(name="", input_size=8, in_channels=1, num_classes=4, patch_size=2,
+                      hidden_size=32, depth=1, num_heads=2, mediator_num=4, learn_sigma=True))
+  c.data.update(dict(name="synthetic", image_size=8, channels=1, num_classes=4, num_threads=1))
+  c.global_batch_size = 8
+  c.num_train_steps = 4
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.sample.every = 0
+  c.fsdp_min_size = 0
+  c.optim.learning_rate = 1e-3
+  return c
+'''
+
+
+def tiny_config():
+  ns = {}
+  exec(CONFIG_PY, ns)  # noqa: S102 - our own constant
+  return ns["get_config"]()
+
+
+def child_env(**extra):
+  env = dict(os.environ)
+  env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  env.update(extra)
+  return env
+
+
+def params_of(result):
+  return jax.tree.map(np.asarray, jax.device_get(result["state"].params))
+
+
+def assert_trees_close(a, b, **tol):
+  fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [k for k, _ in fa] == [k for k, _ in fb]
+  for (k, x), (_, y) in zip(fa, fb):
+    np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(k), **tol)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """4 steps without interruption (checkpoints at 2 and 4)."""
+  wd = tmp_path_factory.mktemp("straight")
+  r = train.train_and_evaluate(tiny_config(), str(wd))
+  assert r["step"] == 4 and r["stopped"] == "done"
+  return wd, params_of(r)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_digits_loss_goes_down_and_ema_follows():
+  """A few hundred steps on the real digits lower the loss (a small convergence check)."""
+  c = train.default_config()
+  c.model.update(dict(name="", input_size=32, in_channels=1, num_classes=10, patch_size=8,
+                      hidden_size=32, depth=1, num_heads=2, mediator_num=4, learn_sigma=False))
+  c.data.update(dict(name="digits", image_size=32, channels=1, num_classes=10, random_flip=False))
+  c.optim.update(dict(learning_rate=3e-3, warmup_steps=20, grad_clip=1.0))
+  c.ema_decay = 0.9
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  model = train.get_model(c)
+  tx, schedule = train.make_optimizer(c)
+  pipe = data.make_pipeline(c.data, seed=0, global_batch_size=32)
+  rules = sharding.rules_from_config(c)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, shardings = train.create_train_state(model, tx, mesh, jax.random.key(0), rules)
+    step = train.make_train_step(transport.make_loss_fn(model, train.get_transport(c)), tx,
+                                 schedule, mesh, shardings, ema_decay=0.9, donate=False)
+    bsh = sharding.batch_sharding(mesh)
+    losses = []
+    for i in range(300):
+      prev = state
+      state, m = step(state, data.to_global(pipe.batch(i), bsh), jax.random.key(1))
+      losses.append(float(m.compute()["loss"]))
+  first, last = np.mean(losses[:10]), np.mean(losses[-50:])
+  assert np.isfinite(losses).all()
+  assert first > 1.0, first           # E|x1 - x0|^2 for digits in [-1, 1]
+  assert last < 0.6 * first, (first, last)
+  # EMA: ema_t = ema_{t-1} + (1 - 0.9) (params_t - ema_{t-1}).
+  k = ("final_layer", "linear", "kernel")
+  get = lambda t: np.asarray(t[k[0]][k[1]][k[2]])  # noqa: E731
+  np.testing.assert_allclose(get(state.ema_params),
+                             get(prev.ema_params) + 0.1 * (get(state.params) - get(prev.ema_params)),
+                             rtol=1e-5, atol=1e-7)
+
+
+KILL_CHILD = '''
+import os, signal, sys
+from edit_jax import checkpoint, data, train
+cfg_ns = {{}}
+exec(open({cfg!r}).read(), cfg_ns)
+config = cfg_ns["get_config"]()
+seen = {{"ckpt": None, "batches": 0}}
+orig_save, orig_to_global = checkpoint.Checkpointer.save, data.to_global
+def save(self, *a, **k):
+  seen["ckpt"] = self
+  return orig_save(self, *a, **k)
+def to_global(*a, **k):
+  seen["batches"] += 1
+  if seen["batches"] == 4:          # steps 1-3 ran, checkpoint 2 was started: make sure it is
+    seen["ckpt"].wait()             # on disk, then die without any cleanup.
+    print("KILLING", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+  return orig_to_global(*a, **k)
+checkpoint.Checkpointer.save, data.to_global = save, to_global
+train.train_and_evaluate(config, {wd!r})
+'''
+
+
+def test_resume_after_kill9_is_exact(straight, tmp_path):
+  """N steps straight == N/2 (+1) steps, kill -9, resume: same params, same data order."""
+  cfg_file = tmp_path / "tiny_config.py"
+  cfg_file.write_text(CONFIG_PY)
+  wd = tmp_path / "killed"
+  script = KILL_CHILD.format(cfg=str(cfg_file), wd=str(wd))
+  p = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == -signal.SIGKILL, p.stdout[-2000:] + p.stderr[-3000:]
+  assert "KILLING" in p.stdout
+  ck = checkpoint.Checkpointer(wd / "checkpoints", read_only=True)
+  assert ck.all_steps() == [2]
+  assert ck.restore_meta(2)["data_position"] == 2
+  r = train.train_and_evaluate(tiny_config(), str(wd))
+  assert r["step"] == 4
+  assert_trees_close(params_of(r), straight[1], rtol=1e-6, atol=1e-7)
+
+
+def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, caplog):
+  import shutil  # noqa: PLC0415
+  wd = tmp_path / "corrupt"
+  shutil.copytree(straight[0], wd)
+  for f in (wd / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 16 and f.parent.name == "d":
+      with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+  caplog.set_level("ERROR")
+  r = train.train_and_evaluate(tiny_config(), str(wd))
+  assert "checkpoint step 4" in caplog.text and "unreadable" in caplog.text
+  assert "falling back to the previous checkpoint" in caplog.text
+  assert list((wd / "checkpoints").glob("corrupt-4-*"))
+  # Resumed from step 2 and redid steps 3-4: same result as the uninterrupted run.
+  assert r["step"] == 4
+  assert_trees_close(params_of(r), straight[1], rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  cfg_file = tmp_path / "tiny_config.py"
+  cfg_file.write_text(CONFIG_PY)
+  wd = tmp_path / "sigterm"
+  cmd = [sys.executable, "-m", "edit_jax.main", f"--config={cfg_file}", f"--workdir={wd}",
+         "--config.num_train_steps=1000000", "--config.checkpoint_every=1000000"]
+  proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, cwd=str(ROOT))
+  lines = []
+  deadline = time.time() + 300
+  try:
+    for line in proc.stdout:
+      lines.append(line)
+      if "step 3/1000000" in line:
+        proc.send_signal(signal.SIGTERM)
+        break
+      assert time.time() < deadline, "".join(lines[-50:])
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  text = "".join(lines) + out
+  assert proc.returncode == 0, text[-3000:]
+  assert "stopping at step" in text and "SIGTERM" in text
+  steps = checkpoint.Checkpointer(wd / "checkpoints", read_only=True).all_steps()
+  assert len(steps) == 1 and 3 <= steps[0] < 1000000
+  assert f"stopping at step {steps[0]}" in text
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = tiny_config()
+  c.optim.learning_rate = 1e30          # step 1 is fine, then the weights overflow
+  c.checkpoint_every = 1
+  c.num_train_steps = 6
+  with pytest.raises(FloatingPointError, match=r"non-finite.*last good checkpoint is step 1"):
+    train.train_and_evaluate(c, str(tmp_path / "nan"))
+  steps = checkpoint.Checkpointer(tmp_path / "nan" / "checkpoints", read_only=True).all_steps()
+  assert steps == [1]
+
+
+MP_CHILD = '''
+import json, sys
+import numpy as np
+from edit_jax import train
+import jax
+cfg_ns = {{}}
+exec(open({cfg!r}).read(), cfg_ns)
+config = cfg_ns["get_config"]()
+config.distributed.update(dict(enabled="true", coordinator_address="127.0.0.1:{port}",
+                               num_processes=2, process_id={pid}))
+r = train.train_and_evaluate(config, {wd!r})
+params = jax.tree.map(np.asarray, jax.device_get(r["state"].params))
+flat = jax.tree_util.tree_flatten_with_path(params)[0]
+np.savez({out!r}, **{{jax.tree_util.keystr(k): v for k, v in flat}})
+print("RESULT", json.dumps({{"step": r["step"], "process": jax.process_index(),
+                            "count": jax.process_count(), "devices": jax.device_count()}}))
+'''
+
+
+def test_two_processes_train_and_agree(straight, tmp_path):
+  cfg_file = tmp_path / "tiny_config.py"
+  cfg_file.write_text(CONFIG_PY)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = []
+  for pid in range(2):
+    script = MP_CHILD.format(cfg=str(cfg_file), port=port, pid=pid, wd=str(tmp_path / "mp"),
+                             out=str(tmp_path / f"params{pid}.npz"))
+    procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=300)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-3000:]
+  res = [json.loads(o.split("RESULT ", 1)[1].splitlines()[0]) for o in outs]
+  assert sorted(r["process"] for r in res) == [0, 1]
+  assert all(r["count"] == 2 and r["devices"] == 4 and r["step"] == 4 for r in res)
+  p0, p1 = (dict(np.load(tmp_path / f"params{i}.npz")) for i in range(2))
+  for k in p0:
+    np.testing.assert_array_equal(p0[k], p1[k])
+  # Same global batches and rngs as the single-process 8-device run.
+  ref = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(straight[1])[0]}
+  for k in ref:
+    np.testing.assert_allclose(p0[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  # The two processes wrote one checkpoint together.
+  assert checkpoint.Checkpointer(tmp_path / "mp" / "checkpoints", read_only=True).all_steps() == [2, 4]
+
+
+@pytest.mark.parametrize("overrides,exc,msg", [
+    (dict(mesh_shape=(3, 1)), sharding.MeshError, "needs 3 devices but 8 are available"),
+    (dict(global_batch_size=12), sharding.MeshError, "not divisible by the 8 devices"),
+    (dict(data__name="latents", data__path="/nonexistent/latents"), data.DataError,
+     "python -m edit_jax.prepare"),
+    (dict(model__input_size=16), train.ConfigError, "set --config.model.input_size=8"),
+    (dict(model__num_classes=7), train.ConfigError, "set --config.model.num_classes=4"),
+    (dict(model__mediator_num=5), train.ConfigError, "perfect square"),
+])
+def test_config_errors(tmp_path, overrides, exc, msg):
+  c = tiny_config()
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  with pytest.raises(exc, match=msg):
+    train.train_and_evaluate(c, str(tmp_path / "bad"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -52,7 +53,8 @@ class Checkpointer:
 
   def __init__(self, directory, max_to_keep: int | None = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = epath.Path(directory)
+    directory = str(directory)
+    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
     self._opts = dict(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                       create=not read_only, read_only=read_only)
     self.manager = self._make()

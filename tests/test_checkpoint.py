@@ -15,9 +15,11 @@ def tiny_config(input_size=8, **model):
   c.model.update(dict(name="", input_size=input_size, in_channels=1, num_classes=4, patch_size=2,
                       hidden_size=32, depth=1, num_heads=2, mediator_num=4, learn_sigma=True))
   c.model.update(model)
-  c.data.update(dict(name="synthetic", image_size=input_size, channels=1, num_classes=4))
+  c.data.update(dict(name="synthetic", image_size=input_size, channels=1, num_classes=4,
+                     num_threads=1))
   c.global_batch_size = 8
   c.fsdp_min_size = 0
+  c.optim.learning_rate = 1e-3
   return c
 
 
@@ -53,7 +55,7 @@ def test_restore_onto_a_different_mesh(saved):
   wd, state = saved
   c = tiny_config()
   mesh = sharding.make_mesh((1, 2), devices=jax.devices()[:2])
-  model, tx, _, _ = make_state(c, sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
+  model, (tx, _) = train.get_model(c), train.make_optimizer(c)
   abstract, shardings = train.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES)
   ck = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(wd)), read_only=True)
   restored, meta = ck.restore(checkpoint.abstract_with_shardings(abstract, shardings))
@@ -76,7 +78,7 @@ def test_load_params_for_sampling_from_workdir(saved):
   np.testing.assert_array_equal(flat(raw)["['final_layer']['linear']['kernel']"],
                                 flat(state.params)["['final_layer']['linear']['kernel']"])
   x, t, y = models.dummy_inputs(model, 2)
-  assert model.apply({"params": params}, x, t, y).shape == (2, 8, 8, 1)
+  assert jax.jit(model.apply)({"params": params}, x, t, y).shape == (2, 8, 8, 1)
 
 
 def test_load_params_for_sampling_official_and_converted(golden_dir, tmp_path):
@@ -101,37 +103,50 @@ def test_load_errors(tmp_path):
     checkpoint.load_init_params(str(tmp_path / "w.txt"))
 
 
-def test_init_mediators_from_official_vanilla_checkpoint(golden_dir, tmp_path, caplog):
-  """Fine-tune mediators from a vanilla checkpoint: shared tensors load, new ones keep init."""
-  c = tiny_config(input_size=16, in_channels=4, num_classes=10, hidden_size=96, depth=2,
-                  num_heads=4, mediator_num=16)
-  c.data.update(dict(image_size=16, channels=4, num_classes=10))
-  c.init_from = str(golden_dir / "vanilla_tiny_state_dict.npz")
+def init_via_config(c, tmp_path):
+  """train._restore_or_init on a (2, 4) mesh with an empty checkpoint dir -> fresh/init_from."""
   mesh = sharding.make_mesh((2, 4))
   model = train.get_model(c)
   tx, _ = train.make_optimizer(c)
   rules = sharding.rules_from_config(c)
   ck = checkpoint.Checkpointer(tmp_path / "checkpoints")
-  caplog.set_level(logging.INFO)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, shardings, meta = train._restore_or_init(c, model, tx, mesh, rules, ck,
                                                     jax.random.key(0))
+  ck.close()
   assert meta is None
-  sd = dict(np.load(golden_dir / "vanilla_tiny_state_dict.npz"))
-  p = state.params
-  np.testing.assert_array_equal(np.asarray(p["blocks_1"]["mlp"]["fc1"]["kernel"]),
-                                sd["blocks.1.mlp.fc1.weight"].T)
-  np.testing.assert_array_equal(np.asarray(state.ema_params["blocks_1"]["mlp"]["fc1"]["kernel"]),
-                                sd["blocks.1.mlp.fc1.weight"].T)
+  return state, shardings
+
+
+MEDIATOR_KEYS = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias", "attn.dwc")
+
+
+def test_init_mediators_from_vanilla_official_checkpoint(saved, tmp_path, caplog):
+  """Fine-tune mediators from a vanilla checkpoint in the official PyTorch format (.npz of
+  state_dict names, as SiT-XL-2-256x256.pt): shared tensors load, new ones keep their init."""
+  wd, state = saved
+  model = train.get_model(tiny_config())
+  sd = convert.params_to_state_dict(jax.device_get(state.ema_params), model)
+  sd = {k: v for k, v in sd.items() if not any(m in k for m in MEDIATOR_KEYS)}
+  assert "blocks.0.attn.qkv.weight" in sd and "blocks.0.attn.an_bias" not in sd
+  np.savez(tmp_path / "vanilla.npz", **sd)
+  c = tiny_config(input_size=16)
+  c.init_from = str(tmp_path / "vanilla.npz")
+  caplog.set_level(logging.INFO)
+  new, shardings = init_via_config(c, tmp_path)
+  p = new.params
+  np.testing.assert_array_equal(np.asarray(p["blocks_0"]["mlp"]["fc1"]["kernel"]),
+                                sd["blocks.0.mlp.fc1.weight"].T)
+  np.testing.assert_array_equal(np.asarray(new.ema_params["blocks_0"]["attn"]["qkv"]["kernel"]),
+                                sd["blocks.0.attn.qkv.weight"].T)
   assert np.abs(np.asarray(p["blocks_0"]["attn"]["an_bias"])).max() > 0   # fresh trunc-normal
   assert p["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.spec == shardings.params[
       "blocks_0"]["mlp"]["fc1"]["kernel"].spec
   text = caplog.text
   assert "tensors missing from the source keep their fresh init" in text
-  for name in ("blocks_0/attn/an_bias", "blocks_1/attn/wa_bias", "blocks_0/attn/dwc/kernel"):
+  for name in ("blocks_0/attn/an_bias", "blocks_0/attn/wa_bias", "blocks_0/attn/dwc/kernel"):
     assert name in text
-  assert int(np.asarray(state.opt_state[0].count)) == 0
-  ck.close()
+  assert int(np.asarray(new.opt_state[0].count)) == 0
 
 
 def test_resize_mediator_params_official_rule():
@@ -169,14 +184,8 @@ def test_init_from_lower_resolution_workdir(saved, tmp_path, caplog):
   wd, state = saved
   c = tiny_config(input_size=16)
   c.init_from = str(wd)
-  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-  model = train.get_model(c)
-  tx, _ = train.make_optimizer(c)
-  rules = sharding.rules_from_config(c)
-  ck = checkpoint.Checkpointer(tmp_path / "checkpoints")
   caplog.set_level(logging.INFO)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    new, _, _ = train._restore_or_init(c, model, tx, mesh, rules, ck, jax.random.key(1))
+  new, _ = init_via_config(c, tmp_path)
   assert "resized mediator biases 4->8" in caplog.text
   old_ema = jax.device_get(state.ema_params)
   got = np.asarray(new.params["blocks_0"]["attn"]["aw_bias"])
@@ -185,4 +194,5 @@ def test_init_from_lower_resolution_workdir(saved, tmp_path, caplog):
   np.testing.assert_allclose(got, want, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(new.params["blocks_0"]["attn"]["an_bias"]),
                                 np.asarray(old_ema["blocks_0"]["attn"]["an_bias"]))
-  ck.close()
+  np.testing.assert_array_equal(np.asarray(new.params["blocks_0"]["mlp"]["fc2"]["kernel"]),
+                                np.asarray(old_ema["blocks_0"]["mlp"]["fc2"]["kernel"]))

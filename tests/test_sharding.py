@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -11,23 +12,37 @@ from edit_jax import data, sharding, train, transport
 
 
 def tiny_config():
+  """The tiny experiment of test_train.py (same HLO: compilations are shared via the cache)."""
   c = train.default_config()
   c.model.update(dict(name="", input_size=8, in_channels=1, num_classes=4, patch_size=2,
                       hidden_size=32, depth=1, num_heads=2, mediator_num=4, learn_sigma=True))
-  c.data.update(dict(name="synthetic", image_size=8, channels=1, num_classes=4))
+  c.data.update(dict(name="synthetic", image_size=8, channels=1, num_classes=4, num_threads=1))
   c.global_batch_size = 8
   c.fsdp_min_size = 0
+  c.optim.learning_rate = 1e-3
   return c
 
 
-def run_steps(config, mesh, seed=0, steps=2):
+def setup(config, mesh, init_state=None):
+  """(model, tx, schedule, state on mesh, shardings). ``init_state``: a host copy to place on the
+  mesh instead of initializing (the init values do not depend on the mesh)."""
   model = train.get_model(config)
   tx, schedule = train.make_optimizer(config)
   rules = sharding.rules_from_config(config)
-  pipe = data.make_pipeline(config.data, seed=seed, global_batch_size=config.global_batch_size)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state, shardings = train.create_train_state(model, tx, mesh, jax.random.key(seed), rules,
-                                                config.fsdp_min_size)
+    if init_state is None:
+      state, shardings = train.create_train_state(model, tx, mesh, jax.random.key(0), rules,
+                                                  config.fsdp_min_size)
+    else:
+      _, shardings = train.state_shardings(model, tx, mesh, rules, config.fsdp_min_size)
+      state = jax.device_put(init_state, shardings)
+  return model, tx, schedule, state, shardings
+
+
+def run_steps(config, mesh, init_state=None, steps=2):
+  model, tx, schedule, state, shardings = setup(config, mesh, init_state)
+  pipe = data.make_pipeline(config.data, seed=0, global_batch_size=config.global_batch_size)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config)):
     loss_fn = transport.make_loss_fn(model, train.get_transport(config))
     step = train.make_train_step(loss_fn, tx, schedule, mesh, shardings,
                                  grad_accum_steps=config.grad_accum_steps)
@@ -38,14 +53,24 @@ def run_steps(config, mesh, seed=0, steps=2):
 
 
 @pytest.fixture(scope="module")
-def runs():
+def init_host():
+  """The freshly initialized state (born sharded on a (4, 2) mesh), copied to the host."""
+  *_, state, _ = setup(tiny_config(), sharding.make_mesh((4, 2)))
+  # Born sharded: the jitted init wrote each device's shard directly.
+  k = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]
+  assert k.sharding.spec == P("fsdp") and k.addressable_shards[0].data.shape == (16, 128)
+  return jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def runs(init_host):
   c = tiny_config()
-  sharded = run_steps(c, sharding.make_mesh((4, 2)))
-  single = run_steps(c, sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
+  sharded = run_steps(c, sharding.make_mesh((4, 2)), init_host)
+  single = run_steps(c, sharding.make_mesh((1, 1), devices=jax.devices()[:1]), init_host)
   return sharded, single
 
 
-def test_sharded_step_matches_single_device(runs):
+def test_sharded_step_matches_single_device(runs, init_host):
   (s8, _, loss8), (s1, _, loss1) = runs
   assert np.isfinite(loss8) and loss8 > 0.1
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
@@ -55,12 +80,10 @@ def test_sharded_step_matches_single_device(runs):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   assert int(s8.step) == int(s1.step) == 2
   # The steps really changed the params: with adaLN-Zero only the final layer gets gradients at
-  # step 1; at step 2 Adam moves the block modulation weights by ~lr (1e-4).
-  init, _ = train.create_train_state(train.get_model(tiny_config()), train.make_optimizer(
-      tiny_config())[0], sharding.make_mesh((1, 1), devices=jax.devices()[:1]), jax.random.key(0))
+  # step 1; at step 2 Adam moves the block modulation weights by ~lr (1e-3).
   delta = np.abs(np.asarray(s1.params["blocks_0"]["adaLN_modulation_1"]["kernel"])
-                 - np.asarray(init.params["blocks_0"]["adaLN_modulation_1"]["kernel"]))
-  assert 0.5e-4 < delta.max() < 3e-4
+                 - np.asarray(init_host.params["blocks_0"]["adaLN_modulation_1"]["kernel"]))
+  assert 0.5e-3 < delta.max() < 3e-3
 
 
 def test_params_carry_fsdp_shardings(runs):
@@ -103,11 +126,31 @@ def test_small_tensors_and_indivisible_dims_replicate():
   assert sh["v"].spec == P()                  # 512 elements < fsdp_min_size
 
 
-def test_grad_accumulation_matches_big_batch_shapes():
+def test_grad_accumulation_averages_micro_batch_gradients(init_host):
+  """k = 2: one update with the mean of the gradients of rows 0::2 and 1::2 (rng fold_in(., i))."""
   c = tiny_config()
   c.grad_accum_steps = 2
-  state, _, loss = run_steps(c, sharding.make_mesh((4, 1), devices=jax.devices()[:4]))
-  assert np.isfinite(loss) and int(state.step) == 2
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  model, tx, schedule, state, shardings = setup(c, mesh, init_host)
+  loss_fn = transport.make_loss_fn(model, train.get_transport(c))
+  batch = data.make_pipeline(c.data, seed=0, global_batch_size=8).batch(0)
+  p0, o0 = init_host.params, init_host.opt_state
+  with jax.set_mesh(mesh):
+    step = train.make_train_step(loss_fn, tx, schedule, mesh, shardings, grad_accum_steps=2)
+    new, m = step(state, data.to_global(batch, sharding.batch_sharding(mesh)), jax.random.key(1))
+  rng = jax.random.fold_in(jax.random.key(1), 0)
+  grads, losses = [], []
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  for i in range(2):
+    (li, _), gi = grad_fn(
+        p0, batch["x"][i::2], batch["y"][i::2], jax.random.fold_in(rng, i))
+    grads.append(gi)
+    losses.append(li)
+  g = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+  want = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))(g, o0, p0)
+  np.testing.assert_allclose(float(m.compute()["loss"]), np.mean(losses), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape,msg", [

@@ -36,6 +36,7 @@ def get_config():
   c.sample.every = 0
   c.fsdp_min_size = 0
   c.optim.learning_rate = 1e-3
+  c.mesh_shape = (4, 2)
   return c
 '''
 
@@ -201,19 +202,31 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert f"stopping at step {steps[0]}" in text
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   c = tiny_config()
-  c.optim.learning_rate = 1e30          # step 1 is fine, then the weights overflow
   c.checkpoint_every = 1
   c.num_train_steps = 6
-  with pytest.raises(FloatingPointError, match=r"non-finite.*last good checkpoint is step 1"):
+  calls = {"n": 0}
+  orig = data.to_global
+
+  def poisoned(batch, sh):  # the 3rd batch carries a NaN pixel
+    calls["n"] += 1
+    if calls["n"] == 3:
+      batch = dict(batch, x=batch["x"].copy())
+      batch["x"][0, 0, 0, 0] = np.nan
+    return orig(batch, sh)
+
+  monkeypatch.setattr(data, "to_global", poisoned)
+  with pytest.raises(FloatingPointError, match=r"between steps 2 and 3.*last good checkpoint is "
+                     r"step 2"):
     train.train_and_evaluate(c, str(tmp_path / "nan"))
   steps = checkpoint.Checkpointer(tmp_path / "nan" / "checkpoints", read_only=True).all_steps()
-  assert steps == [1]
+  assert steps == [1, 2]
 
 
 MP_CHILD = '''
-import json, sys
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
 import numpy as np
 from edit_jax import train
 import jax
@@ -222,6 +235,7 @@ exec(open({cfg!r}).read(), cfg_ns)
 config = cfg_ns["get_config"]()
 config.distributed.update(dict(enabled="true", coordinator_address="127.0.0.1:{port}",
                                num_processes=2, process_id={pid}))
+config.mesh_shape = (2, 2)
 r = train.train_and_evaluate(config, {wd!r})
 params = jax.tree.map(np.asarray, jax.device_get(r["state"].params))
 flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -232,8 +246,13 @@ print("RESULT", json.dumps({{"step": r["step"], "process": jax.process_index(),
 
 
 def test_two_processes_train_and_agree(straight, tmp_path):
+  """Two processes x 2 CPU devices resume the 8-device run's step-2 checkpoint on a (2, 2) mesh,
+  each reading half of every batch, and reach the same params as the uninterrupted run."""
+  import shutil  # noqa: PLC0415
   cfg_file = tmp_path / "tiny_config.py"
   cfg_file.write_text(CONFIG_PY)
+  shutil.copytree(straight[0], tmp_path / "mp")
+  shutil.rmtree(tmp_path / "mp" / "checkpoints" / "4")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -261,16 +280,19 @@ def test_two_processes_train_and_agree(straight, tmp_path):
   for k in p0:
     np.testing.assert_array_equal(p0[k], p1[k])
   # Same global batches and rngs as the single-process 8-device run.
+  assert all("resumed from" in o for o in outs[:1])
   ref = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(straight[1])[0]}
   for k in ref:
     np.testing.assert_allclose(p0[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
   # The two processes wrote one checkpoint together.
-  assert checkpoint.Checkpointer(tmp_path / "mp" / "checkpoints", read_only=True).all_steps() == [2, 4]
+  ck = checkpoint.Checkpointer(tmp_path / "mp" / "checkpoints", read_only=True)
+  assert ck.all_steps() == [2, 4]
 
 
 @pytest.mark.parametrize("overrides,exc,msg", [
     (dict(mesh_shape=(3, 1)), sharding.MeshError, "needs 3 devices but 8 are available"),
     (dict(global_batch_size=12), sharding.MeshError, "not divisible by the 8 devices"),
+    (dict(mesh_shape=(-1, 3)), sharding.MeshError, "not divisible by the fixed axes' product 3"),
     (dict(data__name="latents", data__path="/nonexistent/latents"), data.DataError,
      "python -m edit_jax.prepare"),
     (dict(model__input_size=16), train.ConfigError, "set --config.model.input_size=8"),
@@ -287,3 +309,38 @@ def test_config_errors(tmp_path, overrides, exc, msg):
     node[leaf] = v
   with pytest.raises(exc, match=msg):
     train.train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+def _load_config_file(name):
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("preset,res,n,batch", [
+    ("S2", 256, 0, 256), ("S2-med64", 256, 64, 256), ("S2-med4", 256, 4, 256),
+    ("B2-med64", 256, 64, 256), ("XL2", 256, 0, 256), ("XL2-med64", 256, 64, 256),
+    ("B2-med64-512", 512, 64, 64), ("XL2-med64-512", 512, 64, 64), ("B2-med64-1024", 1024, 64, 16),
+])
+def test_sit_presets_build(preset, res, n, batch):
+  c = _load_config_file("sit").get_config(preset)
+  model = train.get_model(c)
+  assert model.input_size == res // 8 and model.mediator_num == n and model.in_channels == 4
+  assert c.global_batch_size == batch and c.optim.learning_rate == 1e-4
+  assert c.optim.weight_decay == 0.0 and c.ema_decay == 0.9999 and c.data.name == "latents"
+  assert model.class_dropout_prob == 0.1
+  if res > 256:
+    assert c.init_from_grid == res // 16 // model.patch_size
+  data_shape = data.example_shape(c.data)
+  assert data_shape == (model.input_size, model.input_size, 4)
+
+
+def test_quickstart_config_and_bad_preset():
+  c = _load_config_file("quickstart").get_config()
+  model = train.get_model(c)
+  assert model.mediator_num == 16 and c.data.name == "digits"
+  assert data.example_shape(c.data) == (32, 32, 1)
+  with pytest.raises(ValueError, match="unknown preset 'Z9'"):
+    _load_config_file("sit").get_config("Z9")

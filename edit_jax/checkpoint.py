@@ -271,22 +271,28 @@ def load_init_params(path: str, ema: bool = True, num_heads: int | None = None):
           f"training checkpoint {found[0]} step {meta.get('step')}")
 
 
-def merge_params(fresh, source, *, src_grid: int | None = None, dst_grid: int | None = None):
-  """Copies ``source`` tensors into ``fresh`` where names match.
+def merge_params(fresh, source, *, src_grid: int | None = None, dst_grid: int | None = None,
+                 place=None):
+  """Copies ``source`` tensors into ``fresh`` where names and shapes match.
 
-  Mediator axis biases whose grid differs (``src_grid`` != ``dst_grid``) are resized with
-  ``resize_mediator_params`` first. Returns (merged params as numpy, report dict with
+  ``fresh``: the new model's params (jax Arrays, possibly sharded over several hosts, or numpy);
+  ``source``: host (numpy) params. Mediator axis biases whose grid differs (``src_grid`` !=
+  ``dst_grid``) are resized with ``resize_mediator_params`` first. ``place(src_np, fresh_leaf)``
+  puts a loaded tensor where the fresh one lives (default: numpy, cast to the fresh dtype); fresh
+  leaves that are not loaded are returned untouched. Returns (merged params, report dict with
   "loaded", "missing" (kept fresh init), "mismatched" (shape differs; kept fresh), "unused").
   """
   if src_grid and dst_grid and src_grid != dst_grid:
     source = resize_mediator_params(source, src_grid, dst_grid)
-  f_flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, fresh))
+  if place is None:
+    place = lambda src, like: np.asarray(src, like.dtype)  # noqa: E731
+  f_flat = traverse_util.flatten_dict(fresh)
   s_flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, source))
   merged, report = {}, {"loaded": [], "missing": [], "mismatched": [], "unused": []}
   for k, v in f_flat.items():
     name = "/".join(k)
     if k in s_flat and tuple(s_flat[k].shape) == tuple(v.shape):
-      merged[k] = s_flat[k].astype(v.dtype)
+      merged[k] = place(s_flat[k], v)
       report["loaded"].append(name)
     elif k in s_flat:
       merged[k] = v
@@ -296,6 +302,13 @@ def merge_params(fresh, source, *, src_grid: int | None = None, dst_grid: int | 
       report["missing"].append(name)
   report["unused"] = sorted("/".join(k) for k in s_flat if k not in f_flat)
   return traverse_util.unflatten_dict(merged), report
+
+
+def place_like(src: np.ndarray, like: jax.Array) -> jax.Array:
+  """A jax.Array with ``like``'s sharding holding host array ``src``; every process fills only
+  its own shards (``make_array_from_callback``), so this works across hosts."""
+  src = np.asarray(src, like.dtype)
+  return jax.make_array_from_callback(src.shape, like.sharding, lambda idx: src[idx])
 
 
 def load_params_for_sampling(workdir_or_ckpt: str, ema: bool = True, step: int | None = None,

@@ -447,12 +447,8 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
     src_model, src_params, desc = ckpt_lib.load_init_params(
         config.init_from, ema=config.init_from_ema, num_heads=model.num_heads)
     src_grid = config.init_from_grid or (src_model.grid if src_model is not None else model.grid)
-    if not all(a.is_fully_addressable for a in jax.tree.leaves(state.params)):
-      raise ConfigError("init_from with parameters spread over several hosts is not supported: "
-                        "initialize on one host and resume from the resulting checkpoint")
-    fresh = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), state.params)
-    merged, report = ckpt_lib.merge_params(fresh, src_params, src_grid=src_grid,
-                                           dst_grid=model.grid)
+    merged, report = ckpt_lib.merge_params(state.params, src_params, src_grid=src_grid,
+                                           dst_grid=model.grid, place=ckpt_lib.place_like)
     logging.info("init_from %s: loaded %d tensors%s", desc, len(report["loaded"]),
                  f" (resized mediator biases {src_grid}->{model.grid})"
                  if src_grid != model.grid else "")
@@ -465,7 +461,7 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
     if report["unused"]:
       logging.warning("init_from: %d source tensors are not used by this model: %s",
                       len(report["unused"]), ", ".join(report["unused"]))
-    params = jax.device_put(merged, shardings.params)
+    params = merged
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)(params)
     state = state.replace(params=params, opt_state=opt_state, ema_params=ema)
@@ -520,7 +516,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
                               batch_axes=sharding_lib.BATCH)
     bsh = sharding_lib.batch_sharding(mesh)
-    rep = sharding_lib.replicated(mesh)
     writer = metrics_lib.Writer(str(wd / "tensorboard"), enabled=is_main)
     if is_main:
       metrics_lib.log_parameter_overview(state.params)
@@ -541,8 +536,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         vae_state = vae.load_vae_params(config.sample.vae_path)
     labels = sample_labels(config, pipeline.num_classes)
     sample_key = jax.random.key(config.sample.seed)
-    x0 = jax.random.normal(sample_key, (len(labels),) + tuple(pipeline.shape), jnp.float32)
-    y0 = jnp.asarray(labels)
+    # Host arrays: valid jit inputs (replicated) on every process of a multi-host run.
+    x0 = np.asarray(jax.random.normal(sample_key, (len(labels),) + tuple(pipeline.shape)))
+    y0 = labels
 
     def save(step, reason):
       if is_main:

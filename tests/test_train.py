@@ -10,7 +10,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 import pytest

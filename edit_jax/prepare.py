@@ -125,9 +125,9 @@ def prepare(src: str, dst: str, *, image_size: int = 256, encode_fn: EncodeFn | 
   files, labels, classes = list_images(src)
   if limit:
     files, labels = files[:limit], labels[:limit]
-  os.makedirs(dst, exist_ok=True)
   if encode_fn is None:
     encode_fn = vae_encode_fn(vae_path)
+  os.makedirs(dst, exist_ok=True)
   num_shards = math.ceil(len(files) / shard_size)
   written, skipped, counts = [], [], {}
   pool = cf.ThreadPoolExecutor(max(num_workers, 1))

@@ -43,7 +43,7 @@ case "$cmd" in
       $PROJECT_FLAG --worker=all
     all "mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/edit_jax_src.tgz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR \
       && (python3.11 -m venv .venv || python3 -m venv .venv) && .venv/bin/pip install -q -U pip \
-      && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]' google-cloud-storage \
+      && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]' google-cloud-storage gcsfs \
       && .venv/bin/pip install -q --no-deps -e . \
       && .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_devices())'" ;;
   train)

@@ -343,3 +343,15 @@ def test_quickstart_config_and_bad_preset():
   assert data.example_shape(c.data) == (32, 32, 1)
   with pytest.raises(ValueError, match="unknown preset 'Z9'"):
     _load_config_file("sit").get_config("Z9")
+
+
+def test_cli_reports_settings_errors_without_traceback(tmp_path):
+  cfg_file = tmp_path / "tiny_config.py"
+  cfg_file.write_text(CONFIG_PY)
+  p = subprocess.run([sys.executable, "-m", "edit_jax.main", f"--config={cfg_file}",
+                      f"--workdir={tmp_path / 'wd'}", "--config.data.name=latents",
+                      "--config.data.path=/nonexistent/latents"], env=child_env(),
+                     capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "DataError: data.path '/nonexistent/latents'" in p.stderr
+  assert "Traceback" not in p.stderr

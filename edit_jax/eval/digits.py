@@ -19,7 +19,6 @@ Frechet distances depend on the number of samples (bias): compare values at equa
 """
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import tempfile

@@ -21,11 +21,13 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 
-GOLDEN = ROOT.parent / "shared" / "golden"
+# Reference tensors from the official PyTorch code live inside the repository (tests/golden/README.md
+# says which code, commit and calls produced each file); the tests read nothing outside the clone.
+GOLDEN = ROOT / "tests" / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden_dir():
-  if not GOLDEN.is_dir():
-    pytest.fail(f"golden tensors not found at {GOLDEN}: the repo must sit next to ../shared")
+  if not (GOLDEN / "README.md").is_file():
+    pytest.fail(f"golden tensors not found at {GOLDEN}: the checkout is incomplete (git status)")
   return GOLDEN

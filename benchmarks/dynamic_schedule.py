@@ -30,8 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from edit_jax import dynamic, flops, models, samplers  # noqa: E402
-from edit_jax import transport as T  # noqa: E402
+from edit_jax import flops, models  # noqa: E402
+from edit_jax.diffusion import dynamic, samplers  # noqa: E402
+from edit_jax.diffusion import transport as T  # noqa: E402
 
 
 def random_params(model, seed, scale=0.02):

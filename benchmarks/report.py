@@ -16,7 +16,7 @@ present, so parts can be rerun separately):
            digits (Euler ODE, `--sample_steps` grid points, no guidance, fixed noise and labels),
            scored by the Frechet digit distance and conditional accuracy (edit_jax.eval.digits).
   dynamic_sde  the same with the Euler SDE (the paper's sampler) instead of the ODE.
-  dynamic  the step-wise dynamic schedule (edit_jax.dynamic, n = 4 -> 16 -> 64, L1, F = 3) over
+  dynamic  the step-wise dynamic schedule (edit_jax.diffusion.dynamic, n = 4 -> 16 -> 64, L1, F = 3) over
            the final checkpoints of the three mediator models, sweeping (rho_1, rho_2), against
            the static models, same sampler and noise: quality vs GFLOPs per image.
 
@@ -291,7 +291,7 @@ def eval_inputs(num_samples: int, seed: int):
 
 def sampler_config(sample_steps: int, sde: bool = False):
   """Euler ODE (default) or Euler SDE (official defaults: sigma diffusion, Mean last step)."""
-  from edit_jax import samplers  # noqa: PLC0415
+  from edit_jax.diffusion import samplers  # noqa: PLC0415
   if sde:
     return samplers.SDEConfig(method="Euler", num_steps=sample_steps)
   return samplers.ODEConfig(method="euler", num_steps=sample_steps)
@@ -311,12 +311,12 @@ class StaticSampler:
 
   def __init__(self, model, transport, sample_steps: int, sde: bool = False):
     import jax  # noqa: PLC0415
-    from edit_jax import samplers  # noqa: PLC0415
+    from edit_jax.diffusion import samplers  # noqa: PLC0415
     fn = samplers.make_sample_fn(model, transport, sampler_config(sample_steps, sde), cfg_scale=1.0)
     self._fn = jax.jit(lambda p, x0, y, keys: fn(p, x0, y, keys).x)
 
   def __call__(self, params, x0, y, keys=None, chunk: int = 250):
-    """keys: (N,) per-sample PRNG keys (SDE only; the same streams as edit_jax.dynamic)."""
+    """keys: (N,) per-sample PRNG keys (SDE only; the same streams as edit_jax.diffusion.dynamic)."""
     import numpy as np  # noqa: PLC0415
     out = [np.asarray(self._fn(params, x0[s:s + chunk], y[s:s + chunk],
                                None if keys is None else keys[s:s + chunk]))
@@ -416,7 +416,8 @@ def run_dynamic(args, sde: bool = False) -> dict | None:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from edit_jax import checkpoint as ckpt_lib  # noqa: PLC0415
-  from edit_jax import dynamic, flops, samplers  # noqa: PLC0415
+  from edit_jax.diffusion import dynamic, samplers  # noqa: PLC0415
+  from edit_jax import flops  # noqa: PLC0415
   runs_dir = pathlib.Path(args.runs)
   wds = [ensure_trained(runs_dir, n, args.train_steps, 0, args.num_checkpoints, args.skip_train)
          for n in MEDIATORS]
@@ -736,7 +737,7 @@ def build_markdown(parts: dict, plots: dict) -> str:
     cols = ["schedule", "gflops_per_image", "fdd", "accuracy", "steps_per_stage"]
     L += [f"## {title}: quality vs GFLOPs", "", _fmt_cmd(d) + ".", "",
           f"The three mediator models of section 3 at step {d['train_steps']} (they differ only "
-          f"in n) form the schedule n = 4 -> 16 -> 64 (`edit_jax.dynamic`, per-sample switching, "
+          f"in n) form the schedule n = 4 -> 16 -> 64 (`edit_jax.diffusion.dynamic`, per-sample switching, "
           f"L1 distance, F = {d['first_several']}); same {d['num_samples']} noises and labels and "
           f"the same {d.get('sampler', 'Euler ODE')} ({d['nfe']} evaluations) as the static "
           f"rows. GFLOPs per image = "

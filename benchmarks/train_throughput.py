@@ -38,7 +38,8 @@ def load_config(spec: str):
 def run(args) -> dict:
   import jax  # noqa: PLC0415
   import flax.linen as nn  # noqa: PLC0415
-  from edit_jax import data as data_lib, metrics as metrics_lib, sharding, train, transport  # noqa: PLC0415
+  from edit_jax import data as data_lib, metrics as metrics_lib, sharding, train  # noqa: PLC0415
+  from edit_jax.diffusion import transport  # noqa: PLC0415
   config = load_config(args.config)
   with config.unlocked():
     if args.batch:

@@ -32,7 +32,7 @@ from edit_jax import models
 
 CKPT_SUBDIR = "checkpoints"
 TORCH_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors", ".bin")
-# Axis of the grid dimension in each mediator axis-bias table (shapes: see edit_jax.attention).
+# Axis of the grid dimension in each mediator axis-bias table (shapes: see edit_jax.models.attention).
 AXIS_BIAS_GRID_AXIS = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}
 
 

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax import guidance, samplers
-from edit_jax.transport import create_transport
+from edit_jax.diffusion import guidance, samplers
+from edit_jax.diffusion.transport import create_transport
 
 OUTPUT_FILES = ("samples.npz", "grid.png", "summary.json")
 
@@ -178,7 +178,8 @@ def sample_images(ckpts=None, out: Optional[str] = None, *, models_and_params=No
 
 
 def run(cfg: SampleConfig, models_and_params=None) -> dict:
-  from edit_jax import dynamic, flops  # noqa: PLC0415
+  from edit_jax.diffusion import dynamic  # noqa: PLC0415
+  from edit_jax import flops  # noqa: PLC0415
   # ---- validation before any work
   _check_outputs(cfg.out, cfg.overwrite)
   scfg = sampler_config(cfg)

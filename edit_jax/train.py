@@ -7,7 +7,7 @@ born sharded (params + AdamW state + EMA, by the model's logical axis names; see
 ``edit_jax.sharding``), resumes from ``workdir/checkpoints`` when possible (else initializes, or
 loads ``config.init_from``), and runs one jitted, donated train step per global batch:
 
-    rng_t = fold_in(rng_base, step);  loss = transport loss (edit_jax.transport.make_loss_fn)
+    rng_t = fold_in(rng_base, step);  loss = transport loss (edit_jax.diffusion.transport.make_loss_fn)
     grads (optionally accumulated over micro-batches) -> [clip] -> AdamW -> EMA update
 
 Recipe of the paper / official code (spec/sit_mediators.md section 6): AdamW lr 1e-4, no weight
@@ -48,7 +48,7 @@ from edit_jax import data as data_lib
 from edit_jax import metrics as metrics_lib
 from edit_jax import models
 from edit_jax import sharding as sharding_lib
-from edit_jax import transport as transport_lib
+from edit_jax.diffusion import transport as transport_lib
 
 # Re-exported: the official 256 -> 512 -> 1024 rule lives with the other checkpoint helpers.
 resize_mediator_params = ckpt_lib.resize_mediator_params
@@ -395,8 +395,8 @@ def sample_labels(config, num_classes: int) -> np.ndarray:
 
 
 def make_sampler(config, model, transport, mesh, ema_shardings):
-  """A jitted ``(ema_params, x0, y) -> samples`` with edit_jax.samplers (EMA model, CFG)."""
-  from edit_jax import samplers  # noqa: PLC0415
+  """A jitted ``(ema_params, x0, y) -> samples`` with edit_jax.diffusion.samplers (EMA model, CFG)."""
+  from edit_jax.diffusion import samplers  # noqa: PLC0415
   sc = config.sample
   if sc.method in ("Euler", "Heun"):
     cfg = samplers.SDEConfig(method=sc.method, num_steps=sc.num_steps)

@@ -4,8 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edit_jax import dynamic, flops, guidance, models, samplers
-from edit_jax import transport as T
+from edit_jax.diffusion import dynamic, guidance, samplers
+
+from edit_jax import flops, models
+from edit_jax.diffusion import transport as T
 
 NAN = float("nan")
 

@@ -4,7 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edit_jax import attention, models
+from edit_jax.models import attention
+
+# (name, mediator_num) -> trainable params at 256 px (spec: "all" minus the 256*D frozen pos_embed).
+
+from edit_jax import models
 
 # (name, mediator_num) -> trainable params at 256 px (spec: "all" minus the 256*D frozen pos_embed).
 PARAM_COUNTS = {

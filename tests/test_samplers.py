@@ -4,8 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edit_jax import convert, guidance, samplers
-from edit_jax import transport as T
+from edit_jax import convert
+
+from edit_jax.diffusion import guidance, samplers
+from edit_jax.diffusion import transport as T
 
 
 @pytest.fixture(scope="module")

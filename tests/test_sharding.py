@@ -8,7 +8,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from edit_jax import data, sharding, train, transport
+from edit_jax import data, sharding, train
+
+from edit_jax.diffusion import transport
 
 
 def tiny_config():

@@ -14,7 +14,9 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from edit_jax import checkpoint, data, sharding, train, transport
+from edit_jax import checkpoint, data, sharding, train
+
+from edit_jax.diffusion import transport
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

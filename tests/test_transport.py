@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edit_jax import transport as T
+from edit_jax.diffusion import transport as T
 
 TS = np.array([0.1, 0.35, 0.6, 0.9], np.float32)
 

@@ -12,7 +12,7 @@ A score of 0 means every query attends identically (fully redundant). For mediat
 row is the effective query->key attention A2 @ A1 (the part of the layer that mixes tokens through
 attention; the depthwise conv is separate).
 
-Rows come from the "attention_maps" collection the attention layers sow (edit_jax.attention).
+Rows come from the "attention_maps" collection the attention layers sow (edit_jax.models.attention).
 Inputs follow the model's own Euler ODE trajectory from noise (t = 0 noise -> 1 data), so the
 analysis needs only a trained model.
 

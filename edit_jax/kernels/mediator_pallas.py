@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from edit_jax.kernels.mediator_attention import mediator_attention_reference
+from edit_jax.kernels.reference import mediator_attention_reference
 
 _F32 = jnp.float32
 _NEG_INF = float("-inf")

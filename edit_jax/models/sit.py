@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax import attention as attn_lib
+from edit_jax.models import attention as attn_lib
 
 Dtype = Any
 

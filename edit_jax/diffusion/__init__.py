@@ -1,0 +1,9 @@
+"""Objectives and samplers.
+
+  transport  SiT's continuous-time interpolants (Linear/GVP/VP; velocity/score/noise) and loss
+  samplers   ODE (Euler/Heun/dopri5 via diffrax) and SDE samplers for the transport
+  guidance   classifier-free guidance wrappers shared by every objective
+  dynamic    the step-wise dynamic mediator schedule (per-sample switching)
+
+Import the module you need; nothing heavy is imported eagerly.
+"""

@@ -1,0 +1,230 @@
+"""Attention layers of SiT: full attention and mediator attention (the jnp/lax reference).
+
+Both take tokens `x` of shape (B, N, D) in row-major grid order (token = row * g + col, the
+PyTorch `flatten(2)` order of the official code) and return (B, N, D).
+
+Mediator attention follows LeapLabTHU/Attention-Mediators `AttentionWithMediators` exactly
+(spec/sit_mediators.md section 3):
+  mediators M = adaptive-average-pooled queries (sqrt(n) x sqrt(n) windows, overlapping windows when
+  the grid g is not divisible by sqrt(n)); stage 1 A1 = softmax(scale M K^T + bias1), V_M = A1 V;
+  stage 2 A2 = softmax(scale Q M^T + bias2), O = A2 V_M; out = proj(O + dwc(V)).
+The position biases are 7x7 tables bilinearly resized to g x g (align_corners=False, no antialias)
+plus axis-separable terms. They depend only on parameters: `MediatorAttention.biases()` computes
+them, and a sampler can compute them once per run into the "mediator_cache" collection
+(see `edit_jax.models.precompute_mediator_biases`).
+
+Parameter names and shapes follow the official module (torch layout noted where it differs):
+  qkv/kernel (D, 3D) [q | k | v], channel = head * hd + d;  proj/kernel (D, D)
+  an_bias, na_bias (h, n, 7, 7); ah_bias (1, h, n, g, 1); aw_bias (1, h, n, 1, g)
+  ha_bias (1, h, g, 1, n); wa_bias (1, h, 1, g, n)
+  dwc/kernel (3, 3, 1, D) (torch (D, 1, 3, 3)), dwc/bias (D,)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edit_jax.kernels.mediator_attention import mediator_attention
+
+Dtype = Any
+CACHE = "mediator_cache"
+ATTENTION_MAPS = "attention_maps"  # sow collection: effective (B, h, N, N) attention per layer
+
+
+def maybe_sow_attention(module: nn.Module, probs_fn):
+  """Sows the layer's effective attention matrix (B, h, N_query, N_key) into the
+  "attention_maps" collection, only when the caller made that collection mutable (analysis)."""
+  if module.is_mutable_collection(ATTENTION_MAPS):
+    module.sow(ATTENTION_MAPS, "probs", probs_fn())
+
+
+def xavier_uniform():
+  return nn.initializers.xavier_uniform()
+
+
+def dense(features, name, axes, dtype, kernel_init=None, bias_init=None, use_bias=True):
+  """A Dense layer whose params carry logical axis names (kernel axes `axes`, bias axes[-1:])."""
+  kernel_init = kernel_init or xavier_uniform()
+  bias_init = bias_init or nn.initializers.zeros_init()
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(bias_init, axes[-1:]))
+
+
+def check_mediator_num(n: int, num_tokens: int) -> int:
+  """Validates a mediator count and returns its square root."""
+  s = math.isqrt(n) if n > 0 else 0
+  if n <= 0 or s * s != n:
+    near = [k * k for k in (max(s, 1), s + 1)]
+    raise ValueError(
+        f"mediator_num={n} is not a positive perfect square: mediators are a sqrt(n) x sqrt(n) "
+        f"pooling of the query grid. Use a square such as {near[0]} or {near[1]}.")
+  if n > num_tokens:
+    raise ValueError(
+        f"mediator_num={n} is larger than the number of tokens {num_tokens}: use at most "
+        f"{num_tokens} mediators, or a larger input size / smaller patch.")
+  return s
+
+
+def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) averaging matrix of torch's AdaptiveAvgPool1d.
+
+  Window i covers [floor(i * in / out), ceil((i + 1) * in / out)); windows overlap when in_size is
+  not divisible by out_size.
+  """
+  p = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    lo = (i * in_size) // out_size
+    hi = -((-(i + 1) * in_size) // out_size)
+    p[i, lo:hi] = 1.0 / (hi - lo)
+  return p.astype(np.float32)
+
+
+def adaptive_avg_pool_2d(x, out_size: int):
+  """Adaptive average pooling of an NHWC grid (B, g, g, C) to (B, s, s, C), torch semantics."""
+  g = x.shape[1]
+  if g % out_size == 0:
+    k = g // out_size
+    b, _, _, c = x.shape
+    return x.reshape(b, out_size, k, out_size, k, c).mean(axis=(2, 4))
+  p = jnp.asarray(adaptive_pool_matrix(g, out_size), x.dtype)
+  return jnp.einsum("ai,bj,nijc->nabc", p, p, x)
+
+
+def resize_bilinear(table, size: int):
+  """Bilinear resize of the last two axes to (size, size): torch align_corners=False, no antialias."""
+  shape = table.shape[:-2] + (size, size)
+  return jax.image.resize(table, shape, method="bilinear", antialias=False)
+
+
+class DepthwiseConv3x3(nn.Module):
+  """Depthwise 3x3 convolution with zero padding 1 and bias on an NHWC grid (B, g, g, C).
+
+  Computed as nine shifted multiply-adds (same cross-correlation as torch Conv2d(groups=C)); XLA
+  fuses them into one loop, which is faster on CPU than a grouped convolution.
+  Params: kernel (3, 3, 1, C), bias (C,). torch init: U(-1/3, 1/3) for both (fan_in = 9).
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    bound = 1.0 / 3.0
+    init = nn.initializers.uniform(2 * bound)
+    shifted = lambda f: (lambda *a: f(*a) - bound)  # noqa: E731  U(0, 2b) - b = U(-b, b)
+    kernel = self.param("kernel", nn.with_logical_partitioning(shifted(init), (None, None, None, "embed")),
+                        (3, 3, 1, self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(shifted(init), ("embed",)),
+                      (self.features,), jnp.float32)
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    g1, g2 = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = bias.astype(self.dtype)
+    for i in range(3):
+      for j in range(3):
+        out = out + xp[:, i:i + g1, j:j + g2, :] * kernel[i, j, 0]
+    return out
+
+
+class FullAttention(nn.Module):
+  """timm `Attention(D, heads, qkv_bias=True)` via `jax.nn.dot_product_attention`.
+
+  x: (B, N, D) -> (B, N, D). `implementation` is passed to dot_product_attention (None = XLA,
+  "cudnn" = cuDNN flash attention on GPU).
+  """
+  dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    h = self.num_heads
+    qkv = dense(3 * d, "qkv", ("embed", "qkv"), self.dtype)(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    maybe_sow_attention(self, lambda: jax.nn.softmax(
+        jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (d // h) ** -0.5))
+    return dense(d, "proj", ("heads_merged", "embed"), self.dtype)(o.reshape(b, n, d))
+
+
+class MediatorAttention(nn.Module):
+  """Attention with n mediators (the official `AttentionWithMediators`).
+
+  x: (B, N, D) with N = grid * grid tokens in row-major order -> (B, N, D).
+  impl: "xla" runs the jnp reference core, "pallas" the fused kernel (edit_jax.kernels).
+  """
+  dim: int
+  num_heads: int
+  grid: int
+  mediator_num: int
+  dtype: Dtype = jnp.float32
+  impl: str = "xla"
+
+  def setup(self):
+    h, n, g = self.num_heads, self.mediator_num, self.grid
+    self.pool_size = check_mediator_num(n, g * g)
+    trunc = nn.initializers.truncated_normal(0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+    p = lambda name, shape: self.param(  # noqa: E731
+        name, nn.with_logical_partitioning(trunc, (None,) * len(shape)), shape, jnp.float32)
+    self.an_bias = p("an_bias", (h, n, 7, 7))
+    self.na_bias = p("na_bias", (h, n, 7, 7))
+    self.ah_bias = p("ah_bias", (1, h, n, g, 1))
+    self.aw_bias = p("aw_bias", (1, h, n, 1, g))
+    self.ha_bias = p("ha_bias", (1, h, g, 1, n))
+    self.wa_bias = p("wa_bias", (1, h, 1, g, n))
+    self.qkv = dense(3 * self.dim, "qkv", ("embed", "qkv"), self.dtype)
+    self.proj = dense(self.dim, "proj", ("heads_merged", "embed"), self.dtype)
+    self.dwc = DepthwiseConv3x3(self.dim, dtype=self.dtype, name="dwc")
+
+  def biases(self):
+    """Position biases (bias1 (h, n, N), bias2 (h, N, n)) in float32; depend on params only."""
+    h, n, g = self.num_heads, self.mediator_num, self.grid
+    pos1 = resize_bilinear(self.an_bias, g).reshape(h, n, g * g)
+    pos1 = pos1 + (self.ah_bias + self.aw_bias).reshape(h, n, g * g)
+    pos2 = resize_bilinear(self.na_bias, g).reshape(h, n, g * g).transpose(0, 2, 1)
+    pos2 = pos2 + (self.ha_bias + self.wa_bias).reshape(h, g * g, n)
+    return pos1, pos2
+
+  def cache_biases(self):
+    """Stores `biases()` in the "mediator_cache" collection (call with mutable=[CACHE])."""
+    b1, b2 = self.biases()
+    self.put_variable(CACHE, "bias1", b1)
+    self.put_variable(CACHE, "bias2", b2)
+
+  def __call__(self, x):
+    b, num, d = x.shape
+    h, g, s = self.num_heads, self.grid, self.pool_size
+    if num != g * g:
+      raise ValueError(f"MediatorAttention built for a {g}x{g} grid ({g * g} tokens) got {num} tokens")
+    hd = d // h
+    qkv = self.qkv(x)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    m = adaptive_avg_pool_2d(q.reshape(b, g, g, d), s).reshape(b, s * s, h, hd)
+    if self.has_variable(CACHE, "bias1"):
+      bias1, bias2 = self.get_variable(CACHE, "bias1"), self.get_variable(CACHE, "bias2")
+    else:
+      bias1, bias2 = self.biases()
+    o = mediator_attention(q.reshape(b, num, h, hd), k.reshape(b, num, h, hd),
+                           v.reshape(b, num, h, hd), m, bias1, bias2, scale=hd ** -0.5,
+                           impl=self.impl)
+    maybe_sow_attention(self, lambda: _mediator_effective_attention(
+        q.reshape(b, num, h, hd), k.reshape(b, num, h, hd), m, bias1, bias2, hd ** -0.5))
+    o = o.reshape(b, num, d) + self.dwc(v.reshape(b, g, g, d)).reshape(b, num, d)
+    return self.proj(o)
+
+
+def _mediator_effective_attention(q, k, m, bias1, bias2, scale):
+  """A2 @ A1: (B, h, N, N), the query -> key attention that mediator attention applies to V."""
+  a1 = jax.nn.softmax(jnp.einsum("bmhd,bkhd->bhmk", m * scale, k) + bias1, axis=-1)
+  a2 = jax.nn.softmax(jnp.einsum("bqhd,bmhd->bhqm", q * scale, m) + bias2, axis=-1)
+  return jnp.einsum("bhqm,bhmk->bhqk", a2, a1)

@@ -326,8 +326,13 @@ class SiT(nn.Module):
             f"{', plus the null class ' + str(self.num_classes) if hi == self.num_classes else ''}); "
             f"got values in [{y_np.min()}, {y_np.max()}]")
 
-  def __call__(self, x, t, y, train: bool = False):
-    """x (B, H, W, C) NHWC, t (B,), y (B,) int -> (B, H, W, in_channels)."""
+  def __call__(self, x, t, y, train: bool = False, full_output: bool = False):
+    """x (B, H, W, C) NHWC, t (B,), y (B,) int -> (B, H, W, in_channels).
+
+    full_output: return all `out_channels` (B, H, W, 2C with learn_sigma: eps then the variance
+    values, as DiT's `forward`) instead of dropping the learned-sigma half (SiT's `forward`). The
+    Gaussian diffusion objective (`edit_jax.diffusion.gaussian`) calls the model this way.
+    """
     t, y = jnp.asarray(t), jnp.asarray(y)
     self.check_inputs(x, t, y)
     pos = jnp.asarray(sincos_pos_embed(self.hidden_size, self.grid))
@@ -337,6 +342,8 @@ class SiT(nn.Module):
       h = block(h, c)
     h = self.final_layer(h, c)
     out = self.unpatchify(h)
+    if full_output:
+      return out.astype(jnp.float32)
     return out[..., :self.in_channels].astype(jnp.float32)
 
   def unpatchify(self, h):
@@ -346,18 +353,21 @@ class SiT(nn.Module):
     h = h.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return h.reshape(b, g * p, g * p, c)
 
-  def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 3):
-    """Official batch-doubled classifier-free guidance.
+  def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 3,
+                       full_output: bool = False):
+    """Official batch-doubled classifier-free guidance (SiT's; DiT's with `full_output=True`).
 
     x (2B, H, W, C) (only the first half is used, twice), t (2B,), y (2B,) = [labels, null...].
     Guidance u + s (c - u) is applied to the first `guide_channels` channels (3: the official
     behaviour, inherited from DiT; None: all channels) and placed in both halves; the other channels
-    keep each half's own output.
+    keep each half's own output. With `full_output` the output has all `out_channels` (DiT: the
+    variance channels follow each half's own output; `guide_channels=None` then guides the
+    `in_channels` epsilon channels only).
     """
     half = x[: x.shape[0] // 2]
     combined = jnp.concatenate([half, half], axis=0)
-    out = self(combined, t, y)
-    k = out.shape[-1] if guide_channels is None else guide_channels
+    out = self(combined, t, y, full_output=full_output)
+    k = self.in_channels if guide_channels is None else guide_channels
     eps, rest = out[..., :k], out[..., k:]
     cond, uncond = jnp.split(eps, 2, axis=0)
     guided = uncond + cfg_scale * (cond - uncond)

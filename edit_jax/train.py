@@ -37,7 +37,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from etils import epath
@@ -67,6 +66,7 @@ class ConfigError(ValueError):
 
 def default_config() -> ml_collections.ConfigDict:
   """Every training option with the official recipe's values (configs/*.py start from this)."""
+  import ml_collections  # noqa: PLC0415 - only configs need it (not the step, models or benchmarks)
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Model: a name from edit_jax.models.MODEL_NAMES; size fields left at 0 come from the name.
@@ -234,8 +234,13 @@ def ema_decay_at(step, decay: float, warmup: bool):
 
 def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps: int = 1,
                     ema_decay: float = 0.9999, ema_warmup: bool = False,
-                    batch_axes=sharding_lib.BATCH, donate: bool = True):
+                    batch_axes=sharding_lib.BATCH, donate: bool = True,
+                    metrics_fn: Callable | None = None):
   """The jitted train step ``(state, batch, rng_base) -> (state, TrainMetrics)``.
+
+  metrics_fn(loss=, grad_norm=, learning_rate=, nonfinite=) builds the step's metrics from scalars;
+  default ``metrics.TrainMetrics.single_from_model_output`` (clu). ``dict`` returns a plain dict
+  of scalars and needs no clu (benchmarks/device_check.py on machines without it).
 
   batch: {"x": (G, H, W, C) float32, "y": (G,) int32}, sharded over ``batch_axes``.
   The per-step rng is ``fold_in(rng_base, state.step)`` (micro-batch i: fold_in(that, i)).
@@ -277,7 +282,7 @@ def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps:
     ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
-    m = metrics_lib.TrainMetrics.single_from_model_output(
+    m = (metrics_fn or metrics_lib.TrainMetrics.single_from_model_output)(
         loss=loss, grad_norm=grad_norm, learning_rate=jnp.asarray(schedule(state.step)),
         nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32))
     return new_state, m

@@ -33,7 +33,8 @@ its section were off) and the item is skipped, with the reason recorded, when it
 Results are written after every item (JSON written atomically, plus a markdown table), so a kill
 at any point leaves a valid JSON with everything finished so far; SIGTERM / SIGINT mark it
 "terminated" and exit at once. Exit status: 0 when every item that ran passed, 1 when any errored
-or failed its check, 2 for bad arguments, 143 / 130 after SIGTERM / SIGINT. The machine needs
+or failed its check or when jax sees no accelerator (then only env runs; --dry-run is the CPU
+check), 2 for bad arguments, 143 / 130 after SIGTERM / SIGINT. The machine needs
 jax, flax, optax and numpy only (no ml_collections, grain, clu or tensorboardX: nothing here
 imports them).
 """
@@ -246,7 +247,7 @@ class Runner:
     sec["items"].append(rec)
     self.results["meta"].pop("current", None)
     msg = rec.get("error") or rec.get("problems") or ""
-    log(f"   {rec['status']:5s}{name} in {dt:.1f} s (cpu {rec['cpu_s']:.1f} s) {str(msg)[:300]}")
+    log(f"   {rec['status']:7s}{name} in {dt:.1f} s (cpu {rec['cpu_s']:.1f} s) {str(msg)[:300]}")
     self.save()
     return result if rec["status"] != "error" else None
 
@@ -757,6 +758,14 @@ def main(argv=None) -> int:
         run.results["sections"][name]["traceback"] = traceback.format_exc()[-3000:]
         log(f"   section {name} failed: {type(e).__name__}: {e}")
       run.end_section()
+      backend = run.results.get("env", {}).get("backend")
+      if name == "env" and not plan.dry and backend in ("cpu", None):
+        why = (f"no accelerator: jax's backend is {backend!r} (check the CUDA plugin and "
+               "nvidia-smi); use --dry-run for a CPU check")
+        run.results["meta"].update(status=f"aborted: {why}", counts=_counts(run))
+        run.save()
+        log(f"aborted: {why}")
+        return 1
   finally:
     for s, h in old.items():
       signal.signal(s, h)

@@ -208,3 +208,13 @@ def test_sigterm_leaves_a_valid_json_marked_terminated(tmp_path):
   assert res["meta"]["status"].startswith("terminated (SIGTERM) during correctness/"), res["meta"]
   assert res["sections"]["env"]["items"][0]["status"] == "ok"     # finished work is kept
   assert "terminated" in (tmp_path / "device_check.md").read_text()
+
+
+def test_real_plan_without_accelerator_stops_after_env(tmp_path):
+  """Without --dry-run on a machine whose jax sees no GPU/TPU, nothing heavy runs on the CPU."""
+  proc = _launch(["--out", str(tmp_path), "--budget-s", "30"])
+  log, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 1, log[-3000:]
+  res = json.loads((tmp_path / "device_check.json").read_text())
+  assert res["meta"]["status"].startswith("aborted: no accelerator: jax's backend is 'cpu'")
+  assert list(res["sections"]) == ["env"]

@@ -348,8 +348,11 @@ def section_env(run: Runner, plan: Plan):
   res = run.item("environment", 2.0, env, force=True)
   if res:
     run.results["env"] = res
-    for k in ("device_kind", "jax", "backend", "compute_capability", "memory_gib"):
-      log(f"   {k}: {res.get(k)}")
+    for k, v in res.items():
+      if k not in ("env", "packages"):
+        log(f"   {k}: {v}")
+    log(f"   packages: {res.get('packages')}")
+    log(f"   environment variables: {res.get('env')}")
 
 
 def section_peak(run: Runner, plan: Plan):

@@ -757,8 +757,42 @@ def build_markdown(parts: dict, plots: dict) -> str:
             f"pairs the samples spend >= 95% of the steps at n = {MEDIATORS[0]}: the L1 step "
             f"distance d_k rarely falls below rho_1 times its mean over the first "
             f"{d['first_several']} steps, so the rule seldom switches.", ""]
+  o = parts.get("objectives")
+  if o:
+    L += objectives_section(o)
   L += discussion(parts)
   return "\n".join(L)
+
+
+def objectives_section(o: dict) -> list[str]:
+  """Section from benchmarks/gaussian_vs_transport.py's JSON (same network, two objectives)."""
+  ref = o["real_reference"]
+  tr = o["train"]
+  L = ["## 5. Gaussian diffusion vs transport (same network, embedded digits)", "",
+       _fmt_cmd(o) + f"; recipe of main at {o['git_revision']}.", "",
+       f"The quickstart model (`{o['configs']['transport']}`: SiT D=128, depth 4, patch 4, 16 "
+       f"mediators, its recipe) trained for {o['steps']} steps with SiT's transport (Linear, "
+       f"velocity) and, identical otherwise (seed, data order, schedule), with DiT's Gaussian "
+       f"diffusion (`{o['configs']['gaussian']}`: 1000 linear steps, epsilon + learned-range "
+       f"variance, loss = mse + vb; its final layer has the extra variance channel). EMA weights; "
+       f"{o['num_samples']} samples (labels 0..9 cycled, fixed noise), {o['nfe']} network "
+       f"evaluations, CFG {o['cfg_scale']} on all channels; DDIM/DDPM clip x0 to [-1, 1]. Metric: "
+       f"`edit_jax.eval.digits` (FDD vs the 4,500 training digits; real-data floor at this N: FDD "
+       f"{ref['fdd']:.1f}, accuracy {ref['accuracy']:.3f}). Final training loss: transport "
+       f"{tr.get('transport', {}).get('final_loss', float('nan')):.4f} (velocity MSE), gaussian "
+       f"{tr.get('gaussian', {}).get('final_loss', float('nan')):.4f} (eps MSE + vb; not "
+       f"comparable).", "",
+       md_table(o["rows"], ["objective", "sampler", "fdd", "accuracy"],
+                {"fdd": ".1f", "accuracy": ".3f"}), ""]
+  best = {obj: min((r for r in o["rows"] if r["objective"] == obj), key=lambda r: r["fdd"])
+          for obj in ("transport", "gaussian") if any(r["objective"] == obj for r in o["rows"])}
+  if len(best) == 2:
+    t, g = best["transport"], best["gaussian"]
+    L += [f"Best of each objective at {o['nfe']} evaluations: transport {t['sampler']} FDD "
+          f"{t['fdd']:.1f} / accuracy {t['accuracy']:.3f}; gaussian {g['sampler']} FDD "
+          f"{g['fdd']:.1f} / accuracy {g['accuracy']:.3f}. One training seed per objective: "
+          f"differences of the size of section 3's seed spread are not evidence either way.", ""]
+  return L
 
 
 def mediator_verdict(q: dict) -> list[str]:
@@ -899,13 +933,15 @@ def render(out: pathlib.Path, results_dir=RESULTS_DIR, plots_dir=PLOTS_DIR) -> s
   """Rebuilds the Markdown and the PNGs from every report_<part>.json present."""
   parts = {p: read_part(p, results_dir) for p in PARTS}
   parts = {k: v for k, v in parts.items() if v}
+  objectives = pathlib.Path(results_dir) / "gaussian_vs_transport.json"
+  extra = {"objectives": json.loads(objectives.read_text())} if objectives.exists() else {}
   plotters = {"flops": plot_flops, "speed": plot_speed, "quality": plot_quality,
               "dynamic": plot_dynamic, "dynamic_sde": plot_dynamic}
   plots = {}
   for name, payload in parts.items():
     png = plotters[name](payload, pathlib.Path(plots_dir) / f"{name}.png")
     plots[name] = os.path.relpath(png, out.parent)
-  text = build_markdown(parts, plots)
+  text = build_markdown(parts | extra, plots)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(text)
   print(f"wrote {out} ({', '.join(parts) or 'no parts yet'})", flush=True)

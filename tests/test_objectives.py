@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edit_jax import checkpoint, convert, flops, models, sample, train
-from edit_jax.diffusion import dynamic, gaussian, samplers
+from edit_jax.diffusion import dynamic, gaussian
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_trainer_uses_the_objectives_loss():
   obj = train.get_objective(c, model)
   assert isinstance(obj, gaussian.GaussianDiffusion) and obj.num_timesteps == 100
   assert obj.model_var_type == "learned_range"
-  params = models.init_params(model, jax.random.key(0))
+  params = random_params(model, 0)
   x, y = jnp.zeros((8, 8, 8, 1)), jnp.zeros(8, jnp.int32)
   _, aux = jax.jit(train.make_loss_fn(c, model, obj))(params, x, y, jax.random.key(1))
   assert {"mse", "vb"} <= set(aux) and int(aux["t"].max()) < 100
@@ -228,7 +228,7 @@ def test_dynamic_schedule_with_ddpm_equals_static_and_switches(dit_ckpts):
   d = gaussian.create_diffusion("", diffusion_steps=200)
   cfg = gaussian.GaussianSamplerConfig("ddpm", num_steps=12)
   ds = dynamic.DynamicSampler(ms, ps, d, cfg, dynamic.SwitchRule((0.9,), 3), batch_size=4,
-                              cfg_scale=2.0, guide_channels=None)
+                              cfg_scale=2.0, guide_channels=None, bucket_sizes=(4,))
   x0 = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
   y = jnp.array([1, 2, 3, 4], jnp.int32)
   keys = jax.random.split(jax.random.key(5), 4)
@@ -263,3 +263,18 @@ def test_convert_records_the_objective(golden_dir, tmp_path, capsys):
   with pytest.raises(SystemExit):
     convert.main([str(src), str(tmp_path / "x"), "--diffusion_steps", "50", "--num_heads", "2"])
   assert not (tmp_path / "x").exists()
+
+
+def test_docs_diffusion_example_runs():
+  import re  # noqa: PLC0415
+  text = (ROOT / "docs" / "diffusion.md").read_text()
+  example = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+  example = (example.replace('input_size=32, learn_sigma=True', 'input_size=8, learn_sigma=True, '
+                             'depth=1, hidden_size=48, num_heads=2, patch_size=4')
+             .replace("num_steps=50", "num_steps=3").replace("(8, 32, 32, 4)", "(8, 8, 8, 4)"))
+  scope = {}
+  exec(compile(example, "docs/diffusion.md", "exec"), scope)  # noqa: S102
+  assert scope["x"].shape == (8, 8, 8, 4) and np.isfinite(np.asarray(scope["x"])).all()
+  loss, aux = jax.jit(scope["loss_fn"])(scope["params"], scope["x"], jnp.arange(8),
+                                        jax.random.key(3))
+  assert np.isfinite(loss) and "vb" in aux

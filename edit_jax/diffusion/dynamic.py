@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.diffusion import guidance, samplers
+from edit_jax.diffusion import gaussian, guidance, samplers
 from edit_jax.diffusion.transport import Transport
 
 DISTANCES = ("l1", "l2")
@@ -213,7 +213,8 @@ class DynamicSampler:
   Everything is validated and compiled in the constructor.
   """
 
-  def __init__(self, models: Sequence[Any], params: Sequence[Any], transport: Any,
+  def __init__(self, models: Sequence[Any], params: Sequence[Any],
+               transport: Transport | gaussian.GaussianDiffusion,
                sampler: samplers.SamplerConfig, rule: SwitchRule, *, batch_size: int,
                cfg_scale: float = 1.0, guide_channels: Optional[int] = 3,
                guidance_interval=None, null_class: Optional[int] = None,
@@ -237,7 +238,6 @@ class DynamicSampler:
     self.gaussian = self.sampler.kind == "gaussian"
     self.stochastic = self.sampler.kind == "sde" or (self.gaussian and self.sampler.stochastic)
     if self.gaussian:
-      from edit_jax.diffusion import gaussian  # noqa: PLC0415
       gaussian.check_guidance(cfg_scale, guide_channels, guidance_interval)
       if transport.learned_variance != bool(models[0].learn_sigma):
         raise ValueError(f"the diffusion's {transport.model_var_type} variance does not fit models "

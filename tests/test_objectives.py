@@ -278,3 +278,15 @@ def test_docs_diffusion_example_runs():
   loss, aux = jax.jit(scope["loss_fn"])(scope["params"], scope["x"], jnp.arange(8),
                                         jax.random.key(3))
   assert np.isfinite(loss) and "vb" in aux
+
+
+def test_redundancy_analysis_follows_the_gaussian_objective(golden_dir, tmp_path):
+  """The evaluation walks the model's own chain: DDIM at the original timesteps for DiT."""
+  from edit_jax.eval import redundancy  # noqa: PLC0415
+  src = golden_dir / "dit_diffusion" / "state_dict.npz"
+  convert.main([str(src), str(tmp_path / "dit"), "--objective", "gaussian", "--num_heads", "2"])
+  redundancy.main(["--checkpoint", str(tmp_path / "dit"), "--out", str(tmp_path / "r"),
+                   "--timesteps", "3", "--batch", "2"])
+  res = json.loads((tmp_path / "r" / "redundancy.json").read_text())
+  assert res["objective"] == "gaussian" and res["model_t"] == [999.0, 500.0, 0.0]
+  assert res["t"] == pytest.approx([0, 1 / 3, 2 / 3]) and len(res["layers"]) == 3

@@ -445,22 +445,20 @@ def make_sampler(config, model, transport, mesh, ema_shardings):
   for a ``Transport``, DDPM/DDIM (edit_jax.diffusion.gaussian) for a ``GaussianDiffusion``."""
   from edit_jax.diffusion import samplers  # noqa: PLC0415
   sc = config.sample
-  if isinstance(transport, gaussian_lib.GaussianDiffusion):
-    cfg = None
-  elif sc.method in ("Euler", "Heun"):
-    cfg = samplers.SDEConfig(method=sc.method, num_steps=sc.num_steps)
-  else:
-    cfg = samplers.ODEConfig(method=sc.method, num_steps=sc.num_steps)
   gc = None if sc.guide_channels is None or sc.guide_channels < 0 else int(sc.guide_channels)
   if gc is not None and gc > model.in_channels:
     gc = None
   if isinstance(transport, gaussian_lib.GaussianDiffusion):
-    gcfg = gaussian_lib.GaussianSamplerConfig(
+    cfg = gaussian_lib.GaussianSamplerConfig(
         method=sc.method, num_steps=sc.num_steps, eta=sc.get("eta", 0.0),
         clip_denoised=sc.get("clip_denoised", False), respacing=sc.get("respacing", ""))
-    fn = gaussian_lib.make_sample_fn(model, transport, gcfg, cfg_scale=sc.cfg_scale,
+    fn = gaussian_lib.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale,
                                      guide_channels=gc)
   else:
+    if sc.method in ("Euler", "Heun"):
+      cfg = samplers.SDEConfig(method=sc.method, num_steps=sc.num_steps)
+    else:
+      cfg = samplers.ODEConfig(method=sc.method, num_steps=sc.num_steps)
     fn = samplers.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale, guide_channels=gc)
   rep = NamedSharding(mesh, P())
   return jax.jit(lambda p, x0, y, rng: fn(p, x0, y, rng).x,

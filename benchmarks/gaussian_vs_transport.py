@@ -135,8 +135,10 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.num_samples % 100:
     ap.error("--num_samples must be a multiple of 100 (sampling batch)")
-  main_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT),
-                            capture_output=True, text=True).stdout.strip()
+  def git(*a):
+    return subprocess.run(["git", *a], cwd=str(ROOT), capture_output=True, text=True).stdout.strip()
+  head_rev = git("rev-parse", "--short", "HEAD")
+  recipe_rev = git("log", "-1", "--format=%h", "HEAD", "--", "configs/quickstart.py")
   t0 = time.time()
   trained = {}
   for objective in ("transport", "gaussian"):
@@ -150,7 +152,8 @@ def main(argv=None):
   held = report.score_digits(*_held_out(args.num_samples), *_real_and_clf())
   payload = {
       "command": "python benchmarks/gaussian_vs_transport.py " + " ".join(argv or sys.argv[1:]),
-      "machine": report.machine_description(), "git_revision": main_rev,
+      "machine": report.machine_description(), "git_revision": head_rev,
+      "recipe_revision": recipe_rev,
       "steps": args.steps, "num_samples": args.num_samples, "nfe": args.nfe,
       "cfg_scale": args.cfg_scale, "eval_seed": args.eval_seed,
       "configs": CONFIGS, "train": trained, "rows": rows, "real_reference": held,

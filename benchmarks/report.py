@@ -769,9 +769,13 @@ def objectives_section(o: dict) -> list[str]:
   ref = o["real_reference"]
   tr = o["train"]
   L = ["## 5. Gaussian diffusion vs transport (same network, embedded digits)", "",
-       _fmt_cmd(o) + f"; recipe of main at {o['git_revision']}.", "",
+       _fmt_cmd(o) + f"; code at {o['git_revision']}, whose quickstart recipe "
+       f"(configs/quickstart.py) is "
+       + (f"the one last changed in {o['recipe_revision']}" if o.get("recipe_revision")
+          else "the one of that revision") + ".", "",
        f"The quickstart model (`{o['configs']['transport']}`: SiT D=128, depth 4, patch 4, 16 "
-       f"mediators, its recipe) trained for {o['steps']} steps with SiT's transport (Linear, "
+       f"mediators, its recipe with the cosine schedule over {o['steps']} steps, no time limit) "
+       f"trained for {o['steps']} steps with SiT's transport (Linear, "
        f"velocity) and, identical otherwise (seed, data order, schedule), with DiT's Gaussian "
        f"diffusion (`{o['configs']['gaussian']}`: 1000 linear steps, epsilon + learned-range "
        f"variance, loss = mse + vb; its final layer has the extra variance channel). EMA weights; "

@@ -33,19 +33,24 @@ SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 
 # --------------------------------------------------------------------------- reading
 def _torch_load(path):
+  """A torch.save file as nested dicts whose tensors are pt_reader.LazyTensor (or np.ndarray).
+
+  Read without torch by edit_jax.pt_reader (allow-listed unpickling: no code runs). Files it
+  cannot read (pre-1.6 format, pickled objects outside its allow-list) are handed to
+  ``torch.load(weights_only=True)`` when torch is installed, else its error explains the fix.
+  """
+  from edit_jax import pt_reader  # noqa: PLC0415
   try:
-    import torch  # noqa: PLC0415
-  except ImportError:
-    raise ImportError(
-        f"reading {path} needs PyTorch, which is an optional extra: pip install 'edit_jax[torch]' "
-        f"(or torch), or convert the file to .npz/.safetensors elsewhere") from None
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception:  # training checkpoints may hold argparse.Namespace args
-    warnings.warn(f"{path}: weights_only load failed, loading with weights_only=False "
-                  f"(only do this for files you trust)")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-  return obj
+    return pt_reader.load(path)
+  except (pt_reader.LegacyFormatError, pt_reader.UnsafePickleError) as e:
+    try:
+      import torch  # noqa: PLC0415
+    except ImportError:
+      raise ValueError(f"{e} (or install torch, which this reader falls back to)") from None
+    try:
+      return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as te:  # noqa: BLE001
+      raise ValueError(f"{e}\n(torch.load(weights_only=True) failed too: {te})") from None
 
 
 def _to_numpy(v):
@@ -54,7 +59,10 @@ def _to_numpy(v):
     if str(v.dtype) == "torch.bfloat16":
       v = v.float()
     return v.numpy()
-  return np.asarray(v)
+  a = np.asarray(v)  # np.ndarray or pt_reader.LazyTensor (reads its bytes now)
+  if a.dtype.name == "bfloat16":
+    a = a.astype(np.float32)
+  return a
 
 
 def read_state_dict(src, use_ema: bool = True) -> dict[str, np.ndarray]:
@@ -305,7 +313,8 @@ def load_converted(ckpt_dir, **overrides):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m edit_jax.convert", description=__doc__.split("\n")[0])
-  ap.add_argument("src", help="official checkpoint: .pt/.pth (needs torch), .npz or .safetensors")
+  ap.add_argument("src", help="official checkpoint: .pt/.pth (read without torch), .npz or "
+                  ".safetensors")
   ap.add_argument("out_dir", help="output directory for the Orbax checkpoint")
   ap.add_argument("--num_heads", type=int, default=None)
   ap.add_argument("--model_only", action="store_true", help="use 'model' instead of 'ema'")

@@ -158,6 +158,10 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
       raise ConfigError(f"config.{k}={config[k]} must be > 0")
   if not 0.0 <= config.ema_decay < 1.0:
     raise ConfigError(f"ema_decay={config.ema_decay} must be in [0, 1)")
+  if model.full_attention_impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ConfigError(f"model.full_attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, but this "
+                      f"run's backend is {jax.default_backend()}: set "
+                      f"--config.model.full_attention_impl= (empty: XLA attention)")
   if config.optim.schedule not in ("constant", "cosine", "linear"):
     raise ConfigError(f"optim.schedule={config.optim.schedule!r}: expected constant, cosine or "
                       "linear")

@@ -279,6 +279,9 @@ class SiT(nn.Module):
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
     if self.attention_impl not in ("xla", "pallas"):
       raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'pallas'")
+    if self.full_attention_impl not in (None, "xla", "cudnn"):
+      raise ValueError(f"full_attention_impl={self.full_attention_impl!r}: expected None, 'xla' or "
+                       f"'cudnn' (jax.nn.dot_product_attention's implementation)")
     if self.num_classes < 1:
       raise ValueError(f"num_classes={self.num_classes} must be >= 1")
     if self.mediator_num:

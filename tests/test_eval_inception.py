@@ -205,7 +205,10 @@ def test_matches_pytorch_fid_reference(golden_dir):
   np.testing.assert_allclose(refs.weights_fingerprint(sd), ref["fingerprint"], rtol=1e-9)
   p = inc.convert_inception_state_dict(sd)
   model = inc.InceptionV3(resize_to=None)
-  out = jax.jit(lambda p, x: model.apply({"params": p}, x))(p, ref["images"])
+  assert ref["images"].dtype == np.uint8 and ref["images"].shape == (2, 75, 75, 3)
+  # Same program as test_convert_and_forward_small_input (the compilation cache serves it).
+  out, _ = jax.jit(lambda p, x: model.apply({"params": p}, x, capture_intermediates=True))(
+      p, ref["images"])
   for k in ("pool", "spatial", "logits"):
     want = ref[k]
     assert np.abs(want).max() > 0.1, k  # non-degenerate activations

@@ -222,11 +222,9 @@ def test_attention_maps_collection():
   for n in (0, 4):
     model = models.build_model("SiT-S/2", input_size=8, depth=2, hidden_size=64, num_heads=h,
                                num_classes=10, mediator_num=n)
-    params = models.init_params(model, jax.random.key(0))
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(5), len(leaves))
-    params = jax.tree_util.tree_unflatten(tree, [  # random biases: the maps depend on them
-        a + 0.3 * jax.random.normal(kk, a.shape) for a, kk in zip(leaves, keys)])
+    rng = np.random.default_rng(5)  # random weights and biases: the maps depend on them
+    params = jax.tree.map(lambda a: (np.asarray(a) + 0.1 * rng.standard_normal(a.shape)).astype(
+        np.float32), models.init_params(model, jax.random.key(0)))
     x = jax.random.normal(jax.random.key(1), (b, 8, 8, 4))
     _, state = jax.jit(lambda p, x: model.apply(
         {"params": p}, x, jnp.full((b,), 0.5), jnp.arange(b),
@@ -245,13 +243,14 @@ def test_attention_maps_collection():
       else:  # official mediator layout: q | k | v, each (h, hd)
         q, k, v = (qkv[:, :, i].reshape(b, 16, h, hd) for i in range(3))
         m = q.reshape(b, 2, 2, 2, 2, h, hd).mean(axis=(2, 4)).reshape(b, 4, h, hd)  # 2x2 pools
-        cache = models.precompute_mediator_biases(model, params)["mediator_cache"][blk]["attn"]
+        cache = jax.jit(lambda p: models.precompute_mediator_biases(model, p))(params)[
+            "mediator_cache"][blk]["attn"]
         b1, b2 = np.asarray(cache["bias1"], np.float64), np.asarray(cache["bias2"], np.float64)
         a1 = _softmax(np.einsum("bmhd,bkhd->bhmk", m, k) / np.sqrt(hd) + b1)
         a2 = _softmax(np.einsum("bqhd,bmhd->bhqm", q, m) / np.sqrt(hd) + b2)
         want = a2 @ a1
-        core = np.asarray(mediator_attention_reference(*(jnp.asarray(a, jnp.float32) for a in (
-            q, k, v, m, b1, b2))), np.float64)
+        core = np.asarray(jax.jit(mediator_attention_reference)(*(
+            np.asarray(a, np.float32) for a in (q, k, v, m, b1, b2))), np.float64)
         np.testing.assert_allclose(np.einsum("bhqk,bkhd->bqhd", probs, v), core, atol=1e-4)
       assert np.abs(want - 1 / 16).max() > 0.05  # far from uniform: a real test
       np.testing.assert_allclose(probs, want, atol=2e-5)

@@ -20,11 +20,10 @@ def _tiny_model(**kw):
 
 
 def _perturbed_params(model, seed=0, scale=0.05):
-  params = models.init_params(model, jax.random.key(seed))
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      tree, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+  """Random weights (numpy: no per-shape compilations) so that every block gets gradients."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: (np.asarray(a) + scale * rng.standard_normal(a.shape)).astype(
+      np.float32), models.init_params(model, jax.random.key(seed)))
 
 
 def test_pallas_mediator_kernel_in_model_matches_xla():
@@ -40,20 +39,20 @@ def test_pallas_mediator_kernel_in_model_matches_xla():
     return jax.jit(jax.value_and_grad(
         lambda p: jnp.mean(model.apply({"params": p}, x, t, y) ** 2)))(params)
 
+  fwd = lambda model: jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, y))(params)  # noqa: E731
+  assert "pallas_call" in str(fwd(pallas)) and "pallas_call" not in str(fwd(xla))
   (l_x, g_x), (l_p, g_p) = loss(xla), loss(pallas)
   assert l_x > 1e-3
-  np.testing.assert_allclose(float(l_p), float(l_x), rtol=1e-5)
+  # Achieved on CPU: loss to ~1e-7 relative, gradients to 1.2e-6 of each tensor's largest entry.
+  np.testing.assert_allclose(float(l_p), float(l_x), rtol=1e-6)
   worst = 0.0
   for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x)):
     scale = float(jnp.abs(b).max())
     if scale > 0:
       worst = max(worst, float(jnp.abs(a - b).max()) / scale)
-  assert worst < 2e-5, worst
+  assert worst < 1e-5, worst
   # The mediator biases get gradients through the kernel (its custom VJP), not zeros.
-  gb = np.asarray(g_p["blocks_0"]["attn"]["an_bias"])
-  assert np.abs(gb).max() > 1e-6
-  np.testing.assert_allclose(gb, np.asarray(g_x["blocks_0"]["attn"]["an_bias"]), rtol=1e-4,
-                             atol=1e-4 * np.abs(gb).max())
+  assert np.abs(np.asarray(g_p["blocks_0"]["attn"]["an_bias"])).max() > 1e-6
 
 
 def test_full_attention_impl_reaches_dot_product_attention(monkeypatch):

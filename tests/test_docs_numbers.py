@@ -4,7 +4,6 @@ what benchmarks/report.py renders from its JSON. Editing a number by hand (or re
 without updating the doc) fails here."""
 import json
 import pathlib
-import re
 import sys
 
 import pytest

@@ -252,3 +252,17 @@ def test_matches_diffusers_autoencoderkl_reference(golden_dir):
   dec = jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode))(p, mean)
   np.testing.assert_allclose(np.asarray(dec), ref["decoded"].transpose(0, 2, 3, 1),
                              atol=5e-6 * np.abs(ref["decoded"]).max())
+
+
+def test_torch_bin_state_dict_loads_without_torch(golden_dir):
+  """tests/golden/vae_tiny_state_dict.bin is torch.save(AutoencoderKL.state_dict()) (diffusers'
+  .bin format): read by edit_jax.pt_reader without torch, tensor for tensor."""
+  ref = dict(np.load(golden_dir / "vae_tiny_ref.npz"))
+  want = {k[3:]: v for k, v in ref.items() if k.startswith("sd/")}
+  got = weights.load_state_dict(golden_dir / "vae_tiny_state_dict.bin")
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  params = vae.load_vae_params(golden_dir / "vae_tiny_state_dict.bin", tiny_model())
+  np.testing.assert_array_equal(params["encoder"]["conv_in"]["kernel"],
+                                want["encoder.conv_in.weight"].transpose(2, 3, 1, 0))

@@ -11,6 +11,7 @@ Writes (into tests/golden/):
                              mediator_tiny_state_dict.npz ("ema" = the golden weights; "model" =
                              the same with final_layer.linear.bias + 1; "args" an
                              argparse.Namespace; "opt" with a strided view, bf16, int64 tensors).
+  vae_tiny_state_dict.bin    torch.save of that VAE's state_dict (the `.bin` format).
   vae_tiny_ref.npz           diffusers AutoencoderKL (block_out_channels (8, 16), layers_per_block 1,
                              norm_num_groups 4) on seeded weights: its state dict ("sd/<name>"),
                              input x (2, 3, 16, 16) NCHW in [-1, 1], encoder posterior mean and
@@ -97,6 +98,7 @@ def make_vae(torch):
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     post = m.encode(x).latent_dist
     dec = m.decode(post.mean).sample
+  torch.save(m.state_dict(), HERE / "vae_tiny_state_dict.bin")  # diffusers' pre-safetensors format
   out = {f"sd/{k}": v.numpy() for k, v in m.state_dict().items()}
   out.update(x=x.numpy(), mean=post.mean.numpy(), logvar=post.logvar.numpy(), decoded=dec.numpy())
   np.savez_compressed(HERE / "vae_tiny_ref.npz", **out)

@@ -289,6 +289,57 @@ def eval_inputs(num_samples: int, seed: int):
   return x0, y
 
 
+def stratified_subset(labels, n: int):
+  """Indices of n examples with every class equally represented: the first n // K of each of the
+  K classes (in index order), plus one more from the first n % K classes. All when n >= len."""
+  import numpy as np  # noqa: PLC0415
+  labels = np.asarray(labels)
+  if n >= len(labels):
+    return np.arange(len(labels))
+  classes = np.unique(labels)
+  per, extra = divmod(n, len(classes))
+  idx = []
+  for i, c in enumerate(classes):
+    members = np.flatnonzero(labels == c)
+    take = per + (1 if i < extra else 0)
+    if take > len(members):
+      raise ValueError(f"class {c} has {len(members)} examples, fewer than the {take} a "
+                       f"stratified subset of {n} needs")
+    idx.append(members[:take])
+  return np.sort(np.concatenate(idx))
+
+
+def real_reference(num: int, real, held, classifier) -> dict:
+  """The metric's floor at this N: `num` held-out real digits (stratified over the classes)
+  scored exactly like the samples (FDD against `real`, conditional accuracy with their labels)."""
+  import numpy as np  # noqa: PLC0415
+  hx, hy = held
+  idx = stratified_subset(hy, min(num, len(hy)))
+  per_class = np.bincount(np.asarray(hy)[idx], minlength=10).tolist()
+  return {"num": int(len(idx)), **score_digits(hx[idx], hy[idx], real, classifier),
+          "selection": "stratified: the first N/10 held-out digits of each class",
+          "per_class": per_class}
+
+
+def experiment_description(steps: int, num_checkpoints: int, real_count: int) -> dict:
+  """What the quality runs trained, read from the config they ran (train_config) so that the
+  report's text cannot drift from it."""
+  sys.path.insert(0, str(ROOT / "configs"))
+  import quickstart  # noqa: PLC0415
+  from edit_jax import models, train  # noqa: PLC0415
+  c = train_config(0, steps, 0, num_checkpoints)
+  m = train.get_model(c)
+  return {"global_batch_size": int(c.global_batch_size), "depth": int(m.depth),
+          "hidden_size": int(m.hidden_size), "num_heads": int(m.num_heads),
+          "patch_size": int(m.patch_size), "image_size": int(m.input_size),
+          "channels": int(m.in_channels), "tokens": int(m.num_tokens),
+          "params": models.count_params(models.abstract_params(m)),
+          "schedule": str(c.optim.schedule), "learning_rate": float(c.optim.learning_rate),
+          "warmup_steps": int(c.optim.warmup_steps),
+          "quickstart_steps": int(quickstart.get_config().num_train_steps),
+          "fdd_reference_digits": int(real_count)}
+
+
 def sampler_config(sample_steps: int, sde: bool = False):
   """Euler ODE (default) or Euler SDE (official defaults: sigma diffusion, Mean last step)."""
   from edit_jax.diffusion import samplers  # noqa: PLC0415
@@ -351,9 +402,8 @@ def run_quality(args) -> dict | None:
     print("quality: no finished training runs; skipped", flush=True)
     return None
   transport, x0, y, real, (hx, hy), classifier, cinfo = eval_context(args)
-  # Reference: N held-out real digits scored the same way (the floor of the metric at this N).
-  n_ref = min(args.num_samples, len(hx))
-  ref = score_digits(hx[:n_ref], hy[:n_ref], real, classifier)
+  # Reference: N held-out real digits (every class equally) scored the same way: the floor.
+  ref = real_reference(args.num_samples, real, (hx, hy), classifier)
   rows, samplers_by_n = [], {}
   for (n, seed), wd in sorted(workdirs.items()):
     train_time = None
@@ -403,8 +453,29 @@ def run_quality(args) -> dict | None:
       "sampler": f"Euler ODE, {args.sample_steps} grid points ({args.sample_steps - 1} steps), "
                  f"no guidance, EMA weights",
       "eval_seed": args.eval_seed, "classifier": cinfo,
-      "real_reference": {"num": n_ref, **ref}, "rows": rows,
+      "real_reference": ref, "rows": rows,
+      "train_config": experiment_description(args.train_steps, args.num_checkpoints, len(real)),
       "load_average": list(os.getloadavg())})
+
+
+def refresh_floor(args) -> dict:
+  """Recomputes only the real-data floor (and the recorded training config) of the existing
+  report_quality.json: no training, no sampling. For results made before the floor was
+  stratified."""
+  q = read_part("quality", args.results_dir)
+  if q is None:
+    raise SystemExit(f"--refresh_floor: no report_quality.json in {args.results_dir}; run "
+                     f"--parts quality first")
+  _, _, _, real, held, classifier, _ = eval_context(args)
+  q["real_reference"] = real_reference(q["num_samples"], real, held, classifier)
+  q["train_config"] = experiment_description(q["train_steps"], args.num_checkpoints, len(real))
+  q["floor_command"] = "python benchmarks/report.py --refresh_floor --render_only"
+  q["floor_date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  q["floor_machine"] = machine_description()
+  path = pathlib.Path(args.results_dir) / "report_quality.json"
+  path.write_text(json.dumps(q, indent=2))
+  print(f"wrote {path}: real-data floor {q['real_reference']}", flush=True)
+  return q
 
 
 # ----------------------------------------------------------------------------- part 4: dynamic
@@ -666,6 +737,35 @@ def dynamic_observations(payload: dict) -> list[str]:
   return out
 
 
+def _setup_text(q: dict) -> str:
+  """The experiment as trained, from the config recorded with the results."""
+  tc = q.get("train_config")
+  if not tc:
+    return (f"`configs/quickstart.py` model trained for {q['train_steps']} steps (training config "
+            f"not recorded with these results)")
+  return (f"`configs/quickstart.py` model ({tc['depth']} blocks, width {tc['hidden_size']}, "
+          f"{tc['num_heads']} heads, patch {tc['patch_size']} on {tc['image_size']}x"
+          f"{tc['image_size']}x{tc['channels']} digits, {tc['tokens']} tokens, "
+          f"{tc['params']:,} parameters) trained for {q['train_steps']} steps (batch "
+          f"{tc['global_batch_size']}, lr {tc['learning_rate']:g} with {tc['warmup_steps']} "
+          f"warm-up steps and the {tc['schedule']} schedule over {q['train_steps']} steps; the "
+          f"quickstart itself trains {tc['quickstart_steps']:,})")
+
+
+def _floor_text(q: dict) -> str:
+  ref = q["real_reference"]
+  tc = q.get("train_config") or {}
+  against = (f"FDD against the {tc['fdd_reference_digits']:,} training digits"
+             if "fdd_reference_digits" in tc else "FDD against the training digits")
+  sel = ""
+  if ref.get("per_class"):
+    sel = f" ({ref['per_class'][0]} of each class{'' if len(set(ref['per_class'])) == 1 else ' or so'})"
+  when = (f" (recomputed with `{q['floor_command']}` on {q['floor_date']})"
+          if q.get("floor_command") else "")
+  return (f"{against}. Real-data floor at the same N: {ref['num']} held-out real digits{sel} "
+          f"score FDD {ref['fdd']:.1f}, accuracy {ref['accuracy']:.3f}{when}.")
+
+
 def _fmt_cmd(payload: dict) -> str:
   return f"`{payload['command']}` on {payload['machine']}, {payload['date']}"
 
@@ -712,17 +812,13 @@ def build_markdown(parts: dict, plots: dict) -> str:
     cols = ["attention", "seed", "step", "fdd", "accuracy"]
     ref = q["real_reference"]
     L += ["## 3. Quality vs training steps (embedded digits)", "", _fmt_cmd(q) + ".", "",
-          f"Setup: `configs/quickstart.py` model (4 blocks, width 128, 4 heads, patch 4 on "
-          f"32x32x1 digits, 64 tokens) trained for {q['train_steps']} steps (batch 64, the "
-          f"quickstart recipe with its cosine schedule over {q['train_steps']} steps), full "
-          f"attention vs n = 4 / 16 / 64 mediators; same seed, initialisation seed and data "
-          f"order. Each checkpoint ({', '.join(map(str, q['checkpoints']))}) is scored on "
+          f"Setup: {_setup_text(q)}, full attention vs n = 4 / 16 / 64 mediators; same seed, "
+          f"initialisation seed and data order. Each checkpoint "
+          f"({', '.join(map(str, q['checkpoints']))}) is scored on "
           f"{q['num_samples']} digits (labels 0..9 cycled, fixed noise, eval seed "
           f"{q['eval_seed']}) from {q['sampler']}. Metric: `edit_jax.eval.digits` (classifier "
           f"held-out accuracy {q['classifier'].get('held_out_accuracy', float('nan')):.3f}); "
-          f"FDD against the 4,500 training digits. Real-data floor at the same N: "
-          f"{ref['num']} held-out real digits score FDD {ref['fdd']:.1f}, accuracy "
-          f"{ref['accuracy']:.3f}.", "",
+          f"{_floor_text(q)}", "",
           md_table(sorted(q["rows"], key=lambda r: (r["mediators"], r["seed"], r["step"])),
                    cols, {"fdd": ".1f", "accuracy": ".3f"}), ""]
     if "quality" in plots:
@@ -764,10 +860,48 @@ def build_markdown(parts: dict, plots: dict) -> str:
   return "\n".join(L)
 
 
+def objectives_rows(o: dict) -> list[dict]:
+  """One row per (objective, sampler) of gaussian_vs_transport.json: FDD / accuracy per training
+  seed (``fdd_s<seed>``) and their mean; natural samplers first."""
+  rows = o["rows"]
+  seeds = sorted({r.get("seed", 0) for r in rows})
+  out = []
+  for obj in ("transport", "gaussian"):
+    names = list(dict.fromkeys(r["sampler"] for r in rows if r["objective"] == obj))
+    for name in names:
+      rs = {r.get("seed", 0): r for r in rows if r["objective"] == obj and r["sampler"] == name}
+      row = {"objective": obj, "sampler": name, "NFE": rs[min(rs)]["nfe"],
+             "natural": "yes" if rs[min(rs)].get("natural") else "",
+             "seeds": len(rs)}
+      for sd in seeds:
+        row[f"FDD s{sd}"] = rs[sd]["fdd"] if sd in rs else None
+        row[f"acc s{sd}"] = rs[sd]["accuracy"] if sd in rs else None
+      row["FDD mean"] = sum(r["fdd"] for r in rs.values()) / len(rs)
+      row["acc mean"] = sum(r["accuracy"] for r in rs.values()) / len(rs)
+      out.append(row)
+  out.sort(key=lambda r: (r["objective"] != "transport", r["natural"] != "yes"))
+  return out
+
+
 def objectives_section(o: dict) -> list[str]:
   """Section from benchmarks/gaussian_vs_transport.py's JSON (same network, two objectives)."""
   ref = o["real_reference"]
-  tr = o["train"]
+  train = o["train"] if isinstance(o["train"], list) else [
+      {"objective": k, "seed": 0, **v} for k, v in o["train"].items()]
+  seeds = sorted({t.get("seed", 0) for t in train})
+  rows = objectives_rows(o)
+
+  def losses(obj):
+    return ", ".join(f"{t['final_loss']:.4f}" for t in sorted(train, key=lambda t: t["seed"])
+                     if t["objective"] == obj) or "-"
+
+  def cpu(obj):
+    v = [t["cpu_seconds"] for t in train if t["objective"] == obj and "cpu_seconds" in t]
+    return f"{sum(v) / len(v):.0f}" if v else "-"
+
+  seed_txt = (f"training seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+              + ("" if len(seeds) > 1 else " only (one seed: differences of the size of "
+                 "section 3's seed spread are not evidence either way)"))
   L = ["## 5. Gaussian diffusion vs transport (same network, embedded digits)", "",
        _fmt_cmd(o) + f"; code at {o['git_revision']}, whose quickstart recipe "
        f"(configs/quickstart.py) is "
@@ -778,25 +912,59 @@ def objectives_section(o: dict) -> list[str]:
        f"trained for {o['steps']} steps with SiT's transport (Linear, "
        f"velocity) and, identical otherwise (seed, data order, schedule), with DiT's Gaussian "
        f"diffusion (`{o['configs']['gaussian']}`: 1000 linear steps, epsilon + learned-range "
-       f"variance, loss = mse + vb; its final layer has the extra variance channel). EMA weights; "
-       f"{o['num_samples']} samples (labels 0..9 cycled, fixed noise), {o['nfe']} network "
-       f"evaluations, CFG {o['cfg_scale']} on all channels; DDIM/DDPM clip x0 to [-1, 1]. Metric: "
-       f"`edit_jax.eval.digits` (FDD vs the 4,500 training digits; real-data floor at this N: FDD "
-       f"{ref['fdd']:.1f}, accuracy {ref['accuracy']:.3f}). Final training loss: transport "
-       f"{tr.get('transport', {}).get('final_loss', float('nan')):.4f} (velocity MSE), gaussian "
-       f"{tr.get('gaussian', {}).get('final_loss', float('nan')):.4f} (eps MSE + vb; not "
-       f"comparable).", "",
-       md_table(o["rows"], ["objective", "sampler", "fdd", "accuracy"],
-                {"fdd": ".1f", "accuracy": ".3f"}), ""]
-  best = {obj: min((r for r in o["rows"] if r["objective"] == obj), key=lambda r: r["fdd"])
-          for obj in ("transport", "gaussian") if any(r["objective"] == obj for r in o["rows"])}
-  if len(best) == 2:
-    t, g = best["transport"], best["gaussian"]
-    L += [f"Best of each objective at {o['nfe']} evaluations: transport {t['sampler']} FDD "
-          f"{t['fdd']:.1f} / accuracy {t['accuracy']:.3f}; gaussian {g['sampler']} FDD "
-          f"{g['fdd']:.1f} / accuracy {g['accuracy']:.3f}. One training seed per objective: "
-          f"differences of the size of section 3's seed spread are not evidence either way.", ""]
+       f"variance, loss = mse + vb; its final layer has the extra variance channel); "
+       f"{seed_txt}. EMA weights; {o['num_samples']} samples per model and sampler (labels 0..9 "
+       f"cycled, the same noise for every model), CFG {o['cfg_scale']} on all channels; "
+       f"DDIM/DDPM clip x0 to [-1, 1]. \"natural\" marks each objective's own sampler (the "
+       f"quickstart's Heun ODE with 30 grid points; configs/dit.py:digits' DDIM-50); the other "
+       f"rows have exactly {o['nfe']} network evaluations each. Metric: `edit_jax.eval.digits` "
+       f"(FDD vs the 4,500 training digits, lower is better; conditional accuracy; real-data "
+       f"floor at this N: FDD {ref['fdd']:.1f}, accuracy {ref['accuracy']:.3f}). Final training "
+       f"loss per seed: transport {losses('transport')} (velocity MSE), gaussian "
+       f"{losses('gaussian')} (eps MSE + vb; not comparable). Training process CPU seconds per "
+       f"run (mean): transport {cpu('transport')}, gaussian {cpu('gaussian')}.", ""]
+  cols = ["objective", "sampler", "natural", "NFE"]
+  if len(seeds) > 1:
+    cols += [f"FDD s{sd}" for sd in seeds] + ["FDD mean"] + [f"acc s{sd}" for sd in seeds] + \
+        ["acc mean"]
+    table_rows = rows
+  else:
+    cols += ["FDD", "accuracy"]
+    table_rows = [{**r, "FDD": r["FDD mean"], "accuracy": r["acc mean"]} for r in rows]
+  fmt = {c: (".1f" if c.startswith("FDD") else ".3f") for c in cols
+         if c.startswith(("FDD", "acc"))}
+  L += [md_table(table_rows, cols, fmt), ""]
+  L += objectives_observations(rows, seeds)
   return L
+
+
+def objectives_observations(rows: list[dict], seeds: list[int]) -> list[str]:
+  """Bullets computed from the rows: natural vs natural, best matched-NFE of each objective, and
+  whether the ordering holds for every seed."""
+  def pick(obj, natural):
+    c = [r for r in rows if r["objective"] == obj and (r["natural"] == "yes") == natural]
+    return min(c, key=lambda r: r["FDD mean"]) if c else None
+
+  out = []
+  pairs = [("Natural samplers", pick("transport", True), pick("gaussian", True)),
+           ("Best at matched NFE", pick("transport", False), pick("gaussian", False))]
+  for title, t, g in pairs:
+    if t is None or g is None:
+      continue
+    better = "transport" if t["FDD mean"] < g["FDD mean"] else "gaussian"
+    per_seed = [sd for sd in seeds if t.get(f"FDD s{sd}") is not None and
+                g.get(f"FDD s{sd}") is not None]
+    agree = [sd for sd in per_seed if (t[f"FDD s{sd}"] < g[f"FDD s{sd}"]) ==
+             (better == "transport")]
+    txt = (f"- **{title}.** transport {t['sampler']} ({t['NFE']} NFE): FDD {t['FDD mean']:.1f}, "
+           f"accuracy {t['acc mean']:.3f}; gaussian {g['sampler']} ({g['NFE']} NFE): FDD "
+           f"{g['FDD mean']:.1f}, accuracy {g['acc mean']:.3f}"
+           + (" (means over seeds)" if len(seeds) > 1 else "") + f". Lower FDD: {better}")
+    if len(per_seed) > 1:
+      txt += (f", in {len(agree)} of {len(per_seed)} seeds"
+              + ("" if len(agree) == len(per_seed) else " (the seeds disagree: no verdict)"))
+    out.append(txt + ".")
+  return out + [""] if out else []
 
 
 def mediator_verdict(q: dict) -> list[str]:
@@ -858,9 +1026,14 @@ def discussion(parts: dict) -> list[str]:
   q = parts.get("quality")
   if q:
     L += mediator_verdict(q)
+    tc = q.get("train_config") or {}
+    model_txt = (f"a {tc['params'] / 1e6:.1f}M-parameter quickstart model, {q['train_steps']} "
+                 f"steps at batch {tc['global_batch_size']} (the quickstart config trains "
+                 f"{tc['quickstart_steps']:,})" if tc else
+                 f"a quickstart-sized model, {q['train_steps']} steps (training config not "
+                 f"recorded)")
     L.append(f"- **Quality vs steps.** The paper reports better FID with mediators at SiT-S/2 "
-             f"(ImageNet 256, 400K steps). Here: a 1.3M-parameter quickstart model, "
-             f"{q['train_steps']} steps at batch 64 (the quickstart config trains 3,000), "
+             f"(ImageNet 256, 400K steps). Here: {model_txt}, "
              f"{q['num_samples']} samples per point, {q['sample_steps']}-point Euler ODE. See "
              f"the observations of section 3 for what the numbers show; with models this "
              f"undertrained and few training seeds, they say which variant converges faster "
@@ -933,12 +1106,19 @@ def common_flags(args) -> list[str]:
   return out
 
 
-def render(out: pathlib.Path, results_dir=RESULTS_DIR, plots_dir=PLOTS_DIR) -> str:
-  """Rebuilds the Markdown and the PNGs from every report_<part>.json present."""
+def read_parts(results_dir=RESULTS_DIR) -> tuple[dict, dict]:
+  """({part: payload} for every report_<part>.json present, {"objectives": payload} when
+  benchmarks/gaussian_vs_transport.py's JSON is present): everything build_markdown renders."""
   parts = {p: read_part(p, results_dir) for p in PARTS}
   parts = {k: v for k, v in parts.items() if v}
   objectives = pathlib.Path(results_dir) / "gaussian_vs_transport.json"
   extra = {"objectives": json.loads(objectives.read_text())} if objectives.exists() else {}
+  return parts, extra
+
+
+def render(out: pathlib.Path, results_dir=RESULTS_DIR, plots_dir=PLOTS_DIR) -> str:
+  """Rebuilds the Markdown and the PNGs from every report_<part>.json present."""
+  parts, extra = read_parts(results_dir)
   plotters = {"flops": plot_flops, "speed": plot_speed, "quality": plot_quality,
               "dynamic": plot_dynamic, "dynamic_sde": plot_dynamic}
   plots = {}
@@ -975,6 +1155,9 @@ def main(argv=None):
   ap.add_argument("--no_noise_check", dest="noise_check", action="store_false",
                   help="skip re-scoring the final full model on a second noise draw")
   ap.add_argument("--speed_repeats", type=int, default=5)
+  ap.add_argument("--refresh_floor", action="store_true",
+                  help="only recompute the real-data floor of the existing quality results "
+                       "(stratified held-out digits), then render")
   args = ap.parse_args(argv)
   args.results_dir = RESULTS_DIR
   parts = parse_parts(args.parts)
@@ -982,6 +1165,8 @@ def main(argv=None):
   logging.basicConfig(level=logging.WARNING)
   import jax  # noqa: PLC0415
   jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
+  if args.refresh_floor:
+    refresh_floor(args)
   if not args.render_only:
     runners = {"flops": run_flops, "speed": run_speed, "quality": run_quality,
                "dynamic": run_dynamic, "dynamic_sde": run_dynamic_sde}

@@ -260,7 +260,8 @@ def test_convert_records_the_objective(golden_dir, tmp_path, capsys):
   dit_named = tmp_path / "DiT-tiny.npz"
   dit_named.write_bytes(src.read_bytes())
   assert checkpoint.load_objective(str(dit_named))["objective"] == "gaussian"
-  with pytest.raises(SystemExit):
+  with pytest.raises(ValueError, match="--diffusion_steps applies to --objective gaussian only "
+                     r"\(this run: transport\)"):
     convert.main([str(src), str(tmp_path / "x"), "--diffusion_steps", "50", "--num_heads", "2"])
   assert not (tmp_path / "x").exists()
 

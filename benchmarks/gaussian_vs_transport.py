@@ -81,7 +81,8 @@ def ensure_trained(objective: str, runs: pathlib.Path, steps: int, skip: bool,
   if p.returncode:
     raise SystemExit(f"training {objective} failed (exit {p.returncode}); see {log}")
   c1 = os.times()
-  lines = [ln for ln in log.read_text().splitlines() if f"step {steps}/{steps}" in ln]
+  lines = [ln for ln in log.read_text().splitlines()
+           if f"step {steps}/{steps}" in ln and "loss " in ln]
   loss = float(lines[-1].split("loss ")[1].split()[0]) if lines else float("nan")
   info = {"workdir": str(wd), "seed": seed, "seconds": time.time() - t0,
           "cpu_seconds": (c1.children_user + c1.children_system)
@@ -219,7 +220,11 @@ def main(argv=None):
   held = report.real_reference(args.num_samples, real, (hx, hy),
                                digits.load_or_train_classifier()[0])
   payload = {
-      "command": "python benchmarks/gaussian_vs_transport.py " + " ".join(argv or sys.argv[1:]),
+      # without --skip_train / --no_docs: the command that reproduces the results (finished
+      # runs and scores are reused from --runs, missing ones trained / scored)
+      "command": "python benchmarks/gaussian_vs_transport.py " + " ".join(
+          a for a in (argv if argv is not None else sys.argv[1:])
+          if a not in ("--skip_train", "--no_docs")),
       "machine": report.machine_description(), "git_revision": head_rev,
       "recipe_revision": recipe_rev,
       "steps": args.steps, "seeds": seeds, "num_samples": args.num_samples, "nfe": args.nfe,

@@ -895,9 +895,9 @@ def objectives_section(o: dict) -> list[str]:
     return ", ".join(f"{t['final_loss']:.4f}" for t in sorted(train, key=lambda t: t["seed"])
                      if t["objective"] == obj) or "-"
 
-  def cpu(obj):
-    v = [t["cpu_seconds"] for t in train if t["objective"] == obj and "cpu_seconds" in t]
-    return f"{sum(v) / len(v):.0f}" if v else "-"
+  def cpu(obj, key="cpu_seconds"):
+    v = [t[key] for t in train if t["objective"] == obj and key in t]
+    return f"{sum(v) / len(v):.0f}" if v else "not recorded"
 
   seed_txt = (f"training seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
               + ("" if len(seeds) > 1 else " only (one seed: differences of the size of "
@@ -921,8 +921,8 @@ def objectives_section(o: dict) -> list[str]:
        f"(FDD vs the 4,500 training digits, lower is better; conditional accuracy; real-data "
        f"floor at this N: FDD {ref['fdd']:.1f}, accuracy {ref['accuracy']:.3f}). Final training "
        f"loss per seed: transport {losses('transport')} (velocity MSE), gaussian "
-       f"{losses('gaussian')} (eps MSE + vb; not comparable). Training process CPU seconds per "
-       f"run (mean): transport {cpu('transport')}, gaussian {cpu('gaussian')}.", ""]
+       f"{losses('gaussian')} (eps MSE + vb; not comparable). Training process CPU seconds per run "
+       f"(mean): transport {cpu('transport')}, gaussian {cpu('gaussian')}.", ""]
   cols = ["objective", "sampler", "natural", "NFE"]
   if len(seeds) > 1:
     cols += [f"FDD s{sd}" for sd in seeds] + ["FDD mean"] + [f"acc s{sd}" for sd in seeds] + \
@@ -934,20 +934,26 @@ def objectives_section(o: dict) -> list[str]:
   fmt = {c: (".1f" if c.startswith("FDD") else ".3f") for c in cols
          if c.startswith(("FDD", "acc"))}
   L += [md_table(table_rows, cols, fmt), ""]
-  L += objectives_observations(rows, seeds)
+  L += objectives_observations(rows, seeds, o["nfe"])
   return L
 
 
-def objectives_observations(rows: list[dict], seeds: list[int]) -> list[str]:
-  """Bullets computed from the rows: natural vs natural, best matched-NFE of each objective, and
-  whether the ordering holds for every seed."""
-  def pick(obj, natural):
-    c = [r for r in rows if r["objective"] == obj and (r["natural"] == "yes") == natural]
+def objectives_observations(rows: list[dict], seeds: list[int], nfe: int) -> list[str]:
+  """Bullets computed from the rows: natural vs natural, the best sampler of each objective with
+  exactly `nfe` network evaluations, whether the ordering holds for every seed, conditioning."""
+  def pick(obj, keep):
+    c = [r for r in rows if r["objective"] == obj and keep(r)]
     return min(c, key=lambda r: r["FDD mean"]) if c else None
 
+  def natural(r):
+    return r["natural"] == "yes"
+
+  def matched(r):
+    return r["NFE"] == nfe
+
   out = []
-  pairs = [("Natural samplers", pick("transport", True), pick("gaussian", True)),
-           ("Best at matched NFE", pick("transport", False), pick("gaussian", False))]
+  pairs = [("Natural samplers", pick("transport", natural), pick("gaussian", natural)),
+           (f"Best at {nfe} NFE", pick("transport", matched), pick("gaussian", matched))]
   for title, t, g in pairs:
     if t is None or g is None:
       continue
@@ -964,6 +970,16 @@ def objectives_observations(rows: list[dict], seeds: list[int]) -> list[str]:
       txt += (f", in {len(agree)} of {len(per_seed)} seeds"
               + ("" if len(agree) == len(per_seed) else " (the seeds disagree: no verdict)"))
     out.append(txt + ".")
+  acc = {obj: [r["acc mean"] for r in rows if r["objective"] == obj]
+         for obj in ("transport", "gaussian")}
+  if all(acc.values()):
+    low = [obj for obj, v in acc.items() if max(v) < 0.3]
+    out.append(f"- **Conditioning.** Conditional accuracy over the samplers: transport "
+               f"{min(acc['transport']):.3f}-{max(acc['transport']):.3f}, gaussian "
+               f"{min(acc['gaussian']):.3f}-{max(acc['gaussian']):.3f} (chance 0.1)"
+               + (f"; {' and '.join(low)} has not yet learned the class conditioning at this "
+                  f"budget, so its FDD compares mostly unconditional digit quality"
+                  if len(low) == 1 else "") + ".")
   return out + [""] if out else []
 
 

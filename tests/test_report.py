@@ -255,11 +255,11 @@ def _obj_row(obj, seed, sampler, natural, nfe, fdd, acc):
 
 
 def test_objectives_rows_pair_seeds_and_average():
-  rows = [_obj_row("gaussian", 0, "DDIM-50", True, 50, 30.0, 0.8),
+  rows = [_obj_row("gaussian", 0, "DDIM-50", True, 50, 18.0, 0.8),
           _obj_row("transport", 0, "Euler ODE-50", False, 50, 22.0, 0.9),
           _obj_row("transport", 0, "Heun ODE-30", True, 58, 20.0, 0.9),
-          _obj_row("transport", 1, "Heun ODE-30", True, 58, 40.0, 0.7),
-          _obj_row("gaussian", 1, "DDIM-50", True, 50, 10.0, 0.6),
+          _obj_row("transport", 1, "Heun ODE-30", True, 58, 10.0, 0.7),
+          _obj_row("gaussian", 1, "DDIM-50", True, 50, 16.0, 0.6),
           _obj_row("transport", 1, "Euler ODE-50", False, 50, 24.0, 0.8),
           _obj_row("gaussian", 0, "DDPM-50", False, 50, 25.0, 0.8),
           _obj_row("gaussian", 1, "DDPM-50", False, 50, 26.0, 0.8)]
@@ -268,18 +268,21 @@ def test_objectives_rows_pair_seeds_and_average():
       ("transport", "Heun ODE-30"), ("transport", "Euler ODE-50"), ("gaussian", "DDIM-50"),
       ("gaussian", "DDPM-50")]
   heun = out[0]
-  assert heun["FDD s0"] == 20.0 and heun["FDD s1"] == 40.0 and heun["FDD mean"] == 30.0
+  assert heun["FDD s0"] == 20.0 and heun["FDD s1"] == 10.0 and heun["FDD mean"] == 15.0
   assert heun["acc s1"] == 0.7 and heun["acc mean"] == pytest.approx(0.8) and heun["NFE"] == 58
   text = "\n".join(report.objectives_section(_objectives_payload(rows)))
-  assert "| transport | Heun ODE-30 | yes | 58 | 20.0 | 40.0 | 30.0 | 0.900 | 0.700 | 0.800 |" \
+  assert "| transport | Heun ODE-30 | yes | 58 | 20.0 | 10.0 | 15.0 | 0.900 | 0.700 | 0.800 |" \
       in text
-  # natural: transport 30.0 vs gaussian 20.0 (mean) -> gaussian, but seed 0 says transport
-  assert ("**Natural samplers.** transport Heun ODE-30 (58 NFE): FDD 30.0, accuracy 0.800; "
-          "gaussian DDIM-50 (50 NFE): FDD 20.0, accuracy 0.700 (means over seeds). Lower FDD: "
-          "gaussian, in 1 of 2 seeds (the seeds disagree: no verdict).") in text
-  assert ("**Best at matched NFE.** transport Euler ODE-50 (50 NFE): FDD 23.0, accuracy 0.850; "
-          "gaussian DDPM-50 (50 NFE): FDD 25.5, accuracy 0.800 (means over seeds). Lower FDD: "
-          "transport, in 2 of 2 seeds.") in text
+  # natural: transport 15.0 vs gaussian 17.0 (means) -> transport, but seed 0 says gaussian
+  assert ("**Natural samplers.** transport Heun ODE-30 (58 NFE): FDD 15.0, accuracy 0.800; "
+          "gaussian DDIM-50 (50 NFE): FDD 17.0, accuracy 0.700 (means over seeds). Lower FDD: "
+          "transport, in 1 of 2 seeds (the seeds disagree: no verdict).") in text
+  # at 50 NFE every sampler with 50 evaluations competes, natural or not: DDIM-50 (17.0)
+  assert ("**Best at 50 NFE.** transport Euler ODE-50 (50 NFE): FDD 23.0, accuracy 0.850; "
+          "gaussian DDIM-50 (50 NFE): FDD 17.0, accuracy 0.700 (means over seeds). Lower FDD: "
+          "gaussian, in 2 of 2 seeds.") in text
+  assert "Conditional accuracy over the samplers: transport 0.800-0.850, gaussian 0.700-0.800" \
+      in text and "not yet learned" not in text
   one = report.objectives_section(_objectives_payload(
       [r for r in rows if r["seed"] == 0], seeds=(0,)))
   text1 = "\n".join(one)

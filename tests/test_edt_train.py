@@ -1,0 +1,283 @@
+"""EDT through the trainer: config dispatch, masked training (L_full + L_masked, same t, fresh
+noise, one compilation, sharded), Adan, presets, and the sample CLI with AMM options."""
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from edit_jax import convert, models, optim, sample, sharding, train
+from edit_jax.diffusion import masked, transport
+from edit_jax.models import edt
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**over):
+  c = train.default_config()
+  c.model.update(dict(arch="edt", name="", input_size=8, in_channels=1, num_classes=4,
+                      patch_size=2, stage_depths=(1, 1, 1), stage_dims=(16, 24, 16),
+                      stage_heads=(2, 2, 2), learn_sigma=False))
+  c.data.update(dict(name="synthetic", image_size=8, channels=1, num_classes=4, num_threads=1))
+  c.masked_training.enabled = True
+  c.amm.update(dict(enabled=True, layers="1,2"))
+  c.global_batch_size = 8
+  c.num_train_steps = 3
+  c.log_every = 1
+  c.checkpoint_every = 3
+  c.sample.every = 0
+  c.fsdp_min_size = 0
+  c.optim.learning_rate = 1e-3
+  c.mesh_shape = (4, 2)
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def load_config(path, preset):
+  spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(preset)
+
+
+# ----------------------------------------------------------------------------- config -> model
+def test_get_model_dispatch_and_fields():
+  m = train.get_model(tiny_config())
+  assert isinstance(m, edt.EDT) and m.amm_blocks == (1, 2) and m.stage_dims == (16, 24, 16)
+  assert m.mask_ratio_pairs == ((0.4, 0.5),) and not m.uses_mid_mask
+  m = train.get_model(tiny_config(**{"amm.enabled": False, "masked_training.mid_mask": "on",
+                                     "masked_training.mid_mask_block": 0,
+                                     "masked_training.ratios": ((0.3, 0.35),)}))
+  assert m.amm_blocks == () and m.uses_mid_mask and m.mask_ratio_pairs == ((0.3, 0.35),)
+  s = load_config("edt.py", "XL2")
+  xl = train.get_model(s)
+  assert xl.stage_depths == (6, 4, 4, 7, 7) and xl.amm_blocks == (23, 25) and xl.uses_mid_mask
+  assert s.optim.name == "adan" and s.optim.learning_rate == 5e-4
+  assert s.optim.learning_rate * s.optim.end_lr_factor == pytest.approx(5e-5)
+  for preset, amm_blocks, masked_on in [("S2", (7, 10), True), ("B2-nomask", (7, 10), False),
+                                        ("S2-noamm", (), True)]:
+    c = load_config("edt.py", preset)
+    assert train.get_model(c).amm_blocks == amm_blocks and c.masked_training.enabled == masked_on
+  with pytest.raises(ValueError, match="unknown preset"):
+    load_config("edt.py", "M2")
+  for preset in ("plain", "masked", "masked-adan"):
+    c = load_config("edt_digits.py", preset)
+    assert train.get_model(c).amm_blocks == (7, 10)
+    assert c.masked_training.enabled == preset.startswith("masked")
+
+
+@pytest.mark.parametrize("over,msg", [
+    ({"model.mediator_num": 16}, "mediator_num is a SiT option"),
+    ({"model.arch": "sit", "model.name": "SiT-S/2", "model.stage_depths": (),
+      "model.stage_dims": (), "model.stage_heads": ()}, "masked_training.enabled needs"),
+    ({"model.arch": "sit", "model.name": "SiT-S/2", "masked_training.enabled": False},
+     "stage_depths is an EDT field"),
+    ({"model.name": "SiT-S/2"}, "with model.arch='edt'"),
+    ({"model.arch": "dit"}, "expected 'sit' or 'edt'"),
+    ({"masked_training.mid_mask": "maybe"}, "mid_mask"),
+    ({"model.stage_dims": (16, 24, 20)}, "width of encoder stage"),
+    ({"masked_training.ratios": ((0.4, 0.5), (0.1, 0.2))}, "one \\(lo, hi\\) pair"),
+    ({"amm.layers": "9"}, "outside"),
+    ({"optim.name": "sgd"}, "adamw' or 'adan"),
+    ({"optim.name": "adan", "optim.b3": 1.5}, "b3=1.5"),
+])
+def test_config_errors(over, msg):
+  c = tiny_config(**over)
+  with pytest.raises(train.ConfigError, match=msg):
+    train.get_model(c)
+    train.make_optimizer(c)
+
+
+# ----------------------------------------------------------------------------- masked loss
+def test_masked_loss_is_full_plus_masked_with_same_t():
+  c = tiny_config()
+  model = train.get_model(c)
+  tr = train.get_transport(c)
+  params = models.init_params(model, jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  x = jax.random.normal(jax.random.key(2), (8, 8, 8, 1))
+  y = jnp.arange(8) % 4
+  calls = []
+
+  def spy(apply_fn):
+    inner = transport.make_loss_fn(model, tr, apply_fn=apply_fn)
+
+    def fn(p, x1, yy, rng, t=None):
+      loss, aux = inner(p, x1, yy, rng, t=t)
+      calls.append(dict(t=aux["t"], loss=loss, rng=rng, given_t=t))
+      return loss, aux
+    return fn
+
+  loss_fn = masked.make_masked_loss_fn(model, spy)
+  rng = jax.random.key(7)
+  r_full, r_masked, k_mask = jax.random.split(rng, 3)
+
+  def apply_masked(p, xx, t, yy, train_, rngs):
+    return model.apply({"params": p}, xx, t, yy, train=train_, masked=True,
+                       rngs={**rngs, "mask": k_mask})
+
+  @jax.jit
+  def everything(p):
+    total, aux = loss_fn(p, x, y, rng)
+    full, msk = calls
+    # the full term is exactly the plain objective's loss at that rng
+    plain, _ = transport.make_loss_fn(model, tr)(p, x, y, r_full)
+    # the masked term: the objective's loss of the masked forward (same t, the masked key's noise)
+    want, _ = transport.make_loss_fn(model, tr, apply_fn=apply_masked)(p, x, y, r_masked,
+                                                                         t=full["t"])
+    # ... which differs from an unmasked forward with the same noise
+    unmasked, _ = transport.make_loss_fn(model, tr)(p, x, y, r_masked, t=full["t"])
+    return dict(total=total, loss_full=aux["loss_full"], t_full=full["t"], t_msk=msk["t"],
+                l_full=full["loss"], l_msk=msk["loss"], plain=plain, want=want,
+                unmasked=unmasked, given=msk["given_t"], k_full=jax.random.key_data(full["rng"]),
+                k_msk=jax.random.key_data(msk["rng"])), full["given_t"] is None
+
+  r = jax.tree.map(np.asarray, everything(params)[0])
+  np.testing.assert_array_equal(r["t_full"], r["t_msk"])                 # same t
+  np.testing.assert_array_equal(r["given"], r["t_full"])                 # passed to the 2nd pass
+  assert not np.array_equal(r["k_full"], r["k_msk"])                     # fresh noise key
+  np.testing.assert_allclose(r["total"], r["l_full"] + r["l_msk"], rtol=1e-6)
+  assert float(r["loss_full"]) == pytest.approx(float(r["l_full"]))
+  assert float(r["plain"]) == pytest.approx(float(r["l_full"]), rel=1e-6)
+  assert float(r["want"]) == pytest.approx(float(r["l_msk"]), rel=1e-6)
+  assert abs(float(r["unmasked"]) - float(r["l_msk"])) > 1e-6
+  with pytest.raises(ValueError, match="masked forward"):
+    masked.make_masked_loss_fn(models.build_model("SiT-S/2", input_size=8), spy)
+
+
+def test_sharded_masked_step_compiles_once_and_trains():
+  c = tiny_config()
+  model = train.get_model(c)
+  tx, schedule = train.make_optimizer(c)
+  mesh = sharding.make_mesh(c.mesh_shape)
+  rules = sharding.rules_from_config(c)
+  import flax.linen as nn
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, shardings = train.create_train_state(model, tx, mesh, jax.random.key(0), rules)
+    step = train.make_train_step(train.make_loss_fn(c, model, train.get_transport(c)), tx,
+                                 schedule, mesh, shardings, donate=False)
+    bsh = sharding.batch_sharding(mesh)
+    p0 = jax.tree.map(np.asarray, state.params)
+    losses = []
+    for i in range(3):
+      x = jax.device_put(np.random.default_rng(i).normal(size=(8, 8, 8, 1)).astype(np.float32), bsh)
+      y = jax.device_put(np.arange(8, dtype=np.int32) % 4, bsh)
+      state, m = step(state, {"x": x, "y": y}, jax.random.key(1))
+      losses.append(float(m.compute()["loss"]))
+    assert step._cache_size() == 1
+    assert all(np.isfinite(losses))
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, p0)
+    assert max(jax.tree.leaves(moved)) > 0
+    assert len(state.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == 8
+
+
+def test_train_and_evaluate_edt_adan(tmp_path):
+  """The whole trainer (what `python -m edit_jax.main` runs) with EDT and Adan; the masked step
+  is covered above (same trainer code path, other loss)."""
+  c = tiny_config(**{"optim.name": "adan", "optim.b1": 0.98, "optim.b2": 0.92,
+                     "masked_training.enabled": False})
+  r = train.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert r["step"] == 3 and r["stopped"] == "done" and np.isfinite(r["loss"])
+  cfg = json.loads((tmp_path / "wd" / "config.json").read_text())
+  assert cfg["model"]["arch"] == "edt" and cfg["optim"]["name"] == "adan"
+  # the sampler restores an EDT from the workdir (EMA) and applies the requested AMM
+  res = sample.sample_images(str(tmp_path / "wd"), str(tmp_path / "s"), num_samples=8,
+                             batch_size=8, mode="ode", method="euler", num_steps=3,
+                             progress=False)
+  s = json.loads((tmp_path / "s" / "summary.json").read_text())
+  assert s["model_arch"] == "edt" and s["amm_blocks"] == [1, 2]
+  assert res["images"].shape == (8, 8, 8, 3)
+
+
+# ----------------------------------------------------------------------------- sample CLI + AMM
+@pytest.fixture(scope="module")
+def edt_ckpt(tmp_path_factory):
+  m = models.build_model("", arch="edt", input_size=8, patch_size=2, in_channels=3,
+                         stage_depths=(1, 1, 1), stage_dims=(16, 24, 16), stage_heads=(2, 2, 2),
+                         num_classes=10)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype),
+                        models.abstract_params(m))
+  d = tmp_path_factory.mktemp("edt") / "c"
+  convert.save_converted(d, m, params)
+  return str(d)
+
+
+def test_sample_cli_amm_options(edt_ckpt, tmp_path):
+  base = ["--ckpt", edt_ckpt, "--num_samples", "8", "--batch_size", "8", "--mode", "ode",
+          "--method", "euler", "--num_steps", "4", "--labels", "1,2", "--no_progress"]
+  runs = {}
+  for name, extra in [("keep", []), ("on", ["--amm", "1,2"]),
+                      ("log", ["--amm", "1,2", "--amm_mode", "log_bias"])]:
+    runs[name] = sample.main(base + ["--out", str(tmp_path / name)] + extra)
+  assert runs["keep"]["summary"]["amm_blocks"] == []          # custom layout: no official list
+  assert runs["on"]["summary"]["amm_blocks"] == [1, 2]
+  assert runs["log"]["summary"]["amm_mode"] == "log_bias"
+  a, b, lb = (runs[k]["images"].astype(int) for k in ("keep", "on", "log"))
+  assert np.abs(a - b).max() > 2                                # AMM changes the samples
+  assert np.abs(b - lb).max() <= 1                              # the two forms agree
+  with pytest.raises(ValueError, match="official stage layouts"):
+    sample.main(base + ["--out", str(tmp_path / "bad"), "--amm", "official"])
+  assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- Adan
+def _adan_reference(grads, lr, b1, b2, b3, eps, wd, theta):
+  """Transcription of the official sail-sg Adan step loop (torch convention) in float64."""
+  m = v = n = np.zeros_like(theta)
+  prev = None
+  for k, g in enumerate(grads, start=1):
+    d = np.zeros_like(g) if prev is None else g - prev
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * d
+    upd = g + b2 * d
+    n = b3 * n + (1 - b3) * upd * upd
+    denom = np.sqrt(n) / np.sqrt(1 - b3 ** k) + eps
+    u = (m / (1 - b1 ** k) + b2 * v / (1 - b2 ** k)) / denom
+    theta = (theta - lr * u) / (1 + lr * wd)
+    prev = g
+  return theta
+
+
+def test_adan_matches_official_update():
+  rng = np.random.default_rng(0)
+  theta0 = rng.normal(size=(5, 3))
+  grads = [rng.normal(size=(5, 3)) for _ in range(4)]
+  for wd in (0.0, 0.02):
+    tx = optim.adan(1e-2, weight_decay=wd)
+    p = jnp.asarray(theta0, jnp.float32)
+    st = tx.init(p)
+    for g in grads:
+      u, st = tx.update(jnp.asarray(g, jnp.float32), st, p)
+      p = optax.apply_updates(p, u)
+    want = _adan_reference(grads, 1e-2, 0.98, 0.92, 0.99, 1e-8, wd, theta0)
+    np.testing.assert_allclose(np.asarray(p), want, rtol=2e-5, atol=1e-6)
+
+
+def test_adan_vs_optax():
+  """optax.adan agrees where its (1 - b2) coefficient equals b2 (b2 = 0.5) and, in optax 0.2.8,
+  not at EDT's b2 = 0.92 (google-deepmind/optax#1715). If this last check fails, optax fixed it:
+  edit_jax.optim can then defer to optax.adan."""
+  rng = np.random.default_rng(1)
+  theta0 = jnp.asarray(rng.normal(size=(7,)), jnp.float32)
+  grads = [jnp.asarray(rng.normal(size=(7,)), jnp.float32) for _ in range(4)]
+
+  def run(tx):
+    p, st = theta0, tx.init(theta0)
+    for g in grads:
+      u, st = tx.update(g, st, p)
+      p = optax.apply_updates(p, u)
+    return np.asarray(p)
+
+  np.testing.assert_allclose(run(optim.adan(1e-2, b2=0.5)),
+                             run(optax.adan(1e-2, b2=0.5, eps_root=0.0)), rtol=1e-5, atol=1e-7)
+  assert np.abs(run(optim.adan(1e-2)) - run(optax.adan(1e-2, eps_root=0.0))).max() > 1e-4

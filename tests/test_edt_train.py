@@ -281,3 +281,46 @@ def test_adan_vs_optax():
   np.testing.assert_allclose(run(optim.adan(1e-2, b2=0.5)),
                              run(optax.adan(1e-2, b2=0.5, eps_root=0.0)), rtol=1e-5, atol=1e-7)
   assert np.abs(run(optim.adan(1e-2)) - run(optax.adan(1e-2, eps_root=0.0))).max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- Gaussian objective
+def test_edt_with_gaussian_objective():
+  """EDT as published: DDPM epsilon + learned sigma. The masked loss reuses the chain index t
+  (integers), both passes use the variance channels (vb term), and DDPM sampling runs."""
+  from edit_jax.diffusion import gaussian
+  c = tiny_config(**{"model.learn_sigma": True})
+  model = train.get_model(c)
+  diffusion = gaussian.create_diffusion("", learn_sigma=True)
+  params = models.init_params(model, jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  x = jax.random.normal(jax.random.key(2), (8, 8, 8, 1))
+  y = jnp.arange(8) % 4
+  ts = []
+
+  def make(apply_fn):
+    inner = gaussian.make_loss_fn(model, diffusion, apply_fn=apply_fn)
+
+    def fn(p, x0, yy, rng, t=None):
+      loss, aux = inner(p, x0, yy, rng, t=t)
+      ts.append(aux["t"])
+      return loss, aux
+    return fn
+
+  loss_fn = masked.make_masked_loss_fn(model, make, full_output=True)
+
+  @jax.jit
+  def run(p):
+    total, aux = loss_fn(p, x, y, jax.random.key(3))
+    return total, aux, ts[0], ts[1]
+
+  total, aux, t0, t1 = run(params)
+  np.testing.assert_array_equal(np.asarray(t0), np.asarray(t1))
+  assert np.asarray(t0).dtype == np.int32 and np.isfinite(float(total))
+  assert float(total) == pytest.approx(float(aux["loss_full"] + aux["loss_masked"]), rel=1e-6)
+  assert "vb" in aux and np.all(np.isfinite(np.asarray(aux["vb"])))
+  with pytest.raises(ValueError, match="model output"):  # without full_output: 1 channel, not 2
+    jax.jit(lambda p: masked.make_masked_loss_fn(model, make)(p, x, y, jax.random.key(3)))(params)
+  fn = gaussian.make_sample_fn(model, diffusion, gaussian.GaussianSamplerConfig("ddpm", 4),
+                               cfg_scale=2.0)
+  out = jax.jit(fn)(params, x, y, jax.random.key(4)).x
+  assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))

@@ -508,13 +508,7 @@ class EDT(nn.Module):
     used twice), t (2B,), y (2B,) = [labels, null...]; guidance on the first `guide_channels`
     channels (3: official; None: the in_channels epsilon channels), placed in both halves.
     Returns all out_channels by default, as the official EDT.forward_with_cfg."""
-    half = x[: x.shape[0] // 2]
-    out = self(jnp.concatenate([half, half], axis=0), t, y, full_output=full_output)
-    k = self.in_channels if guide_channels is None else guide_channels
-    eps, rest = out[..., :k], out[..., k:]
-    cond, uncond = jnp.split(eps, 2, axis=0)
-    guided = uncond + cfg_scale * (cond - uncond)
-    return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+    return sit.batch_doubled_cfg(self, x, t, y, cfg_scale, guide_channels, full_output)
 
 
 def random_keep(rng, shape, ratio):

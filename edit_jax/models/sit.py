@@ -237,6 +237,20 @@ def check_model_inputs(self, x, t, y):
           f"got values in [{y_np.min()}, {y_np.max()}]")
 
 
+def batch_doubled_cfg(model, x, t, y, cfg_scale, guide_channels: Optional[int] = 3,
+                      full_output: bool = False):
+  """The official `forward_with_cfg` of DiT/SiT/EDT for any model called as
+  `model(x, t, y, full_output=...)`: the first half of x is used twice, guidance on the first
+  `guide_channels` channels (None: the in_channels epsilon channels) placed in both halves."""
+  half = x[: x.shape[0] // 2]
+  out = model(jnp.concatenate([half, half], axis=0), t, y, full_output=full_output)
+  k = model.in_channels if guide_channels is None else guide_channels
+  eps, rest = out[..., :k], out[..., k:]
+  cond, uncond = jnp.split(eps, 2, axis=0)
+  guided = uncond + cfg_scale * (cond - uncond)
+  return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+
+
 def unpatchify(h, g: int, p: int, c: int):
   """(B, g*g, p*p*C) with index (pi*p + pj)*C + c -> (B, g*p, g*p, C) NHWC."""
   b = h.shape[0]
@@ -431,15 +445,7 @@ class SiT(nn.Module):
     variance channels follow each half's own output; `guide_channels=None` then guides the
     `in_channels` epsilon channels only).
     """
-    half = x[: x.shape[0] // 2]
-    combined = jnp.concatenate([half, half], axis=0)
-    out = self(combined, t, y, full_output=full_output)
-    k = self.in_channels if guide_channels is None else guide_channels
-    eps, rest = out[..., :k], out[..., k:]
-    cond, uncond = jnp.split(eps, 2, axis=0)
-    guided = uncond + cfg_scale * (cond - uncond)
-    eps = jnp.concatenate([guided, guided], axis=0)
-    return jnp.concatenate([eps, rest], axis=-1)
+    return batch_doubled_cfg(self, x, t, y, cfg_scale, guide_channels, full_output)
 
   def cache_mediator_biases(self):
     for i in self.mediator_blocks:

@@ -293,7 +293,7 @@ def run_amm_sit(args, ev) -> dict | None:
 
 # ----------------------------------------------------------------------------- markdown
 def _cmd(p):
-  return (f"`{p['command'].replace(str(ROOT) + '/', '')}` on {p['machine']}, {p['date']}")
+  return (f"`python {p['command'].replace(str(ROOT) + '/', '')}` on {p['machine']}, {p['date']}")
 
 
 def build_markdown(parts: dict) -> str:

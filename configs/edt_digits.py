@@ -30,8 +30,8 @@ def get_config(preset: str = "masked"):
   c.seed = 0
   c.model.update(dict(
       arch="edt", name="", input_size=32, in_channels=1, num_classes=10, patch_size=4,
-      stage_depths=(2, 2, 2, 3, 3), stage_dims=(96, 128, 160, 128, 96),
-      stage_heads=(3, 4, 5, 4, 3), mlp_ratio=4.0, class_dropout_prob=0.1, learn_sigma=False))
+      stage_depths=(2, 2, 2, 3, 3), stage_dims=(64, 96, 128, 96, 64),
+      stage_heads=(2, 3, 4, 3, 2), mlp_ratio=4.0, class_dropout_prob=0.1, learn_sigma=False))
   c.amm.update(dict(enabled=True, layers="official", mode="post_softmax"))
   c.masked_training.enabled = base == "masked"
   c.data.update(dict(name="digits", image_size=32, channels=1, num_classes=10, random_flip=False,

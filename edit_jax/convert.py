@@ -448,11 +448,20 @@ def main(argv=None):
                                         use_ema=not args.model_only)
   out = save_converted(args.out_dir, model, params, overwrite=args.overwrite,
                        extra={"source": str(args.src)})
-  cfg = models.model_config(model)
-  print(f"converted {args.src} -> {out}: depth={cfg['depth']} hidden={cfg['hidden_size']} "
-        f"heads={cfg['num_heads']} patch={cfg['patch_size']} input={cfg['input_size']} "
-        f"classes={cfg['num_classes']} mediator_num={cfg['mediator_num']} "
+  print(f"converted {args.src} -> {out}: {describe(model)} "
         f"params={models.count_params(params):,}")
+
+
+def describe(model) -> str:
+  """One line naming the architecture (SiT/DiT or EDT)."""
+  if models.arch_of(model) == "edt":
+    return (f"EDT stage_depths={list(model.stage_depths)} stage_dims={list(model.stage_dims)} "
+            f"stage_heads={list(model.stage_heads)} patch={model.patch_size} "
+            f"input={model.input_size} classes={model.num_classes} "
+            f"amm_blocks={list(model.amm_blocks)}")
+  return (f"depth={model.depth} hidden={model.hidden_size} heads={model.num_heads} "
+          f"patch={model.patch_size} input={model.input_size} classes={model.num_classes} "
+          f"mediator_num={model.mediator_num}")
 
 
 if __name__ == "__main__":

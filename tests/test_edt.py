@@ -162,6 +162,15 @@ def test_roundtrip_and_errors(golden):
     convert.infer_config(sd, num_heads=4)
 
 
+def test_convert_cli_on_an_edt_state_dict(golden, tmp_path, capsys):
+  convert.main([str(golden["dir"] / "state_dict.npz"), str(tmp_path / "cli")])
+  out = capsys.readouterr().out
+  assert "EDT stage_depths=[6, 4, 4, 7, 7]" in out and "amm_blocks=[23, 25]" in out
+  assert "params=282,493" in out
+  model, _ = convert.load_converted(tmp_path / "cli")
+  assert model.stage_dims == (16, 24, 32, 24, 16)
+
+
 def test_converted_dir_roundtrip(golden, tmp_path):
   model = golden["model"].clone(amm_mode="log_bias")
   convert.save_converted(tmp_path / "c", model, golden["params"])

@@ -356,3 +356,24 @@ def test_amm_blocks_and_validation():
   with pytest.raises(ValueError, match="NCHW"):
     s2 = _tiny()
     s2.init(jax.random.key(0), jnp.zeros((1, 3, 16, 16)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+
+
+def test_cfg_all_channels_variant():
+  """guide_channels=None guides every epsilon channel (the DiT#41 fix); the learned-sigma
+  channels keep each half's own output, as in the official 3-channel variant."""
+  m = _tiny(in_channels=4)
+  p = _perturb(models.init_params(m, jax.random.key(0)))
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+  xx = jnp.concatenate([x, x])
+  t, y = jnp.array([0.4, 0.4, 0.4, 0.4]), jnp.array([1, 2, 4, 4])
+  f = jax.jit(lambda p: (m.apply({"params": p}, xx, t, y, full_output=True),
+                         m.apply({"params": p}, xx, t, y, 3.0, None,
+                                 method=edt.EDT.forward_with_cfg),
+                         m.apply({"params": p}, xx, t, y, 3.0, method=edt.EDT.forward_with_cfg)))
+  raw, all_ch, three = (np.asarray(a) for a in f(p))
+  guided = raw[2:] + 3.0 * (raw[:2] - raw[2:])
+  np.testing.assert_allclose(all_ch[:2, ..., :4], guided[..., :4], atol=1e-5)
+  np.testing.assert_allclose(all_ch[2:, ..., :4], guided[..., :4], atol=1e-5)
+  np.testing.assert_array_equal(all_ch[..., 4:], raw[..., 4:])
+  np.testing.assert_allclose(three[..., :3], all_ch[..., :3], atol=1e-6)
+  np.testing.assert_array_equal(three[..., 3:], raw[..., 3:])

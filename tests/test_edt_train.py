@@ -154,45 +154,35 @@ def test_masked_loss_is_full_plus_masked_with_same_t():
     masked.make_masked_loss_fn(models.build_model("SiT-S/2", input_size=8), spy)
 
 
-def test_sharded_masked_step_compiles_once_and_trains():
-  c = tiny_config()
-  model = train.get_model(c)
-  tx, schedule = train.make_optimizer(c)
-  mesh = sharding.make_mesh(c.mesh_shape)
-  rules = sharding.rules_from_config(c)
-  import flax.linen as nn
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state, shardings = train.create_train_state(model, tx, mesh, jax.random.key(0), rules)
-    step = train.make_train_step(train.make_loss_fn(c, model, train.get_transport(c)), tx,
-                                 schedule, mesh, shardings, donate=False)
-    bsh = sharding.batch_sharding(mesh)
-    p0 = jax.tree.map(np.asarray, state.params)
-    losses = []
-    for i in range(3):
-      x = jax.device_put(np.random.default_rng(i).normal(size=(8, 8, 8, 1)).astype(np.float32), bsh)
-      y = jax.device_put(np.arange(8, dtype=np.int32) % 4, bsh)
-      state, m = step(state, {"x": x, "y": y}, jax.random.key(1))
-      losses.append(float(m.compute()["loss"]))
-    assert step._cache_size() == 1
-    assert all(np.isfinite(losses))
-    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, p0)
-    assert max(jax.tree.leaves(moved)) > 0
-    for leaf in (state.params["blocks_0"]["attn"]["qkv"]["kernel"],        # FSDP over "embed"
-                 state.params["down_blocks_0"]["reduction"]["kernel"],
-                 state.opt_state[0].mu["blocks_1"]["mlp"]["fc1"]["kernel"]):
-      assert not leaf.sharding.is_fully_replicated, leaf.sharding
+def test_trainer_masked_adan_sharded_compiles_once(tmp_path, monkeypatch):
+  """The whole trainer (what `python -m edit_jax.main` runs) with EDT, masked training and Adan
+  on a 4 x 2 data/FSDP mesh: the step compiles once, parameters and optimizer state are sharded,
+  the run finishes, and the sampler restores the EDT from the workdir with its AMM blocks."""
+  steps = []
+  real = train.make_train_step
 
+  def spy(*a, **kw):
+    steps.append(real(*a, **kw))
+    return steps[-1]
 
-def test_train_and_evaluate_edt_adan(tmp_path):
-  """The whole trainer (what `python -m edit_jax.main` runs) with EDT and Adan; the masked step
-  is covered above (same trainer code path, other loss)."""
-  c = tiny_config(**{"optim.name": "adan", "optim.b1": 0.98, "optim.b2": 0.92,
-                     "masked_training.enabled": False})
+  monkeypatch.setattr(train, "make_train_step", spy)
+  losses = []
+  real_masked = masked.make_masked_loss_fn
+  monkeypatch.setattr(masked, "make_masked_loss_fn",
+                      lambda *a, **kw: losses.append(real_masked(*a, **kw)) or losses[-1])
+  c = tiny_config(**{"optim.name": "adan", "optim.b1": 0.98, "optim.b2": 0.92})
   r = train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert r["step"] == 3 and r["stopped"] == "done" and np.isfinite(r["loss"])
+  assert len(losses) == 1  # the trainer trains on L_full + L_masked
+  (step,) = steps
+  assert step._cache_size() == 1
+  state = r["state"]
+  for leaf in (state.params["blocks_0"]["attn"]["qkv"]["kernel"],        # FSDP over "embed"
+               state.params["down_blocks_0"]["reduction"]["kernel"],
+               state.opt_state[0].m["blocks_1"]["mlp"]["fc1"]["kernel"]):
+    assert not leaf.sharding.is_fully_replicated, leaf.sharding
   cfg = json.loads((tmp_path / "wd" / "config.json").read_text())
-  assert cfg["model"]["arch"] == "edt" and cfg["optim"]["name"] == "adan"
-  # the sampler restores an EDT from the workdir (EMA) and applies the requested AMM
+  assert cfg["model"]["arch"] == "edt" and cfg["masked_training"]["enabled"]
   res = sample.sample_images(str(tmp_path / "wd"), str(tmp_path / "s"), num_samples=8,
                              batch_size=8, mode="ode", method="euler", num_steps=3,
                              progress=False)

@@ -11,7 +11,11 @@ PyTorch layouts at this boundary: Linear weights (out, in) -> kernel (in, out); 
 (out, in, kh, kw) -> kernel (kh, kw, in, out); the model itself is NHWC.
 
 Command line (writes an Orbax checkpoint that training and sampling restore):
-    python -m edit_jax.convert SRC OUT_DIR [--num_heads H] [--model_only] [--overwrite]
+    python -m edit_jax.convert SRC OUT_DIR [--num_heads H] [--model_only] [--overwrite] [--debug]
+
+Files that are not checkpoints are named in a ValueError; PyTorch files are read with
+``weights_only=True`` only (never unpickling arbitrary objects). CLI user errors: one line on
+stderr, exit status 2 (``edit_jax.cli``).
 """
 from __future__ import annotations
 
@@ -20,13 +24,12 @@ import json
 import os
 import pathlib
 import re
-import warnings
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from edit_jax import models
+from edit_jax import cli, models
 
 SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 
@@ -50,7 +53,37 @@ def _torch_load(path):
     try:
       return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as te:  # noqa: BLE001
-      raise ValueError(f"{e}\n(torch.load(weights_only=True) failed too: {te})") from None
+      # torch's own message advises unsafe loading: name only the error type.
+      raise ValueError(f"{e}\n(torch.load(weights_only=True) failed too: "
+                       f"{type(te).__name__})") from None
+
+
+def _read_npz(path) -> dict:
+  import zipfile  # noqa: PLC0415
+  try:
+    f = np.load(path, allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+      reason = "it holds a single array, not named arrays"
+    else:
+      with f:
+        return {k: f[k] for k in f.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    msg = str(e)
+    reason = ("it is not a zip archive of .npy arrays" if "pickle" in msg
+              or isinstance(e, (zipfile.BadZipFile, EOFError)) else msg.splitlines()[0][:200])
+  raise ValueError(f"{path} is not a checkpoint: numpy cannot read it as an .npz of named arrays "
+                   f"({reason}). Expected a file written by np.savez(path, **state_dict) with one "
+                   f"array per official parameter name")
+
+
+def _read_safetensors(path) -> dict:
+  from safetensors.numpy import load_file  # noqa: PLC0415
+  try:
+    return load_file(str(path))
+  except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path} is not a checkpoint: it cannot be read as a .safetensors file "
+                     f"({reason}); the file is damaged or has another format") from None
 
 
 def _to_numpy(v):
@@ -76,14 +109,15 @@ def read_state_dict(src, use_ema: bool = True) -> dict[str, np.ndarray]:
     if not path.exists():
       raise FileNotFoundError(f"checkpoint {path} does not exist")
     suffix = path.suffix.lower()
+    if not path.is_file():
+      raise IsADirectoryError(f"{path} is a directory, not a checkpoint file: pass a .pt/.pth, "
+                              f".npz or .safetensors file (load_converted reads converted dirs)")
     if suffix in (".pt", ".pth", ".bin"):
       obj = _torch_load(str(path))
     elif suffix == ".npz":
-      with np.load(path, allow_pickle=False) as f:
-        obj = {k: f[k] for k in f.files}
+      obj = _read_npz(path)
     elif suffix == ".safetensors":
-      from safetensors.numpy import load_file  # noqa: PLC0415
-      obj = load_file(str(path))
+      obj = _read_safetensors(path)
     else:
       raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; expected one of {SUFFIXES}")
   elif isinstance(src, Mapping):
@@ -94,7 +128,7 @@ def read_state_dict(src, use_ema: bool = True) -> dict[str, np.ndarray]:
   if "ema" in obj or "model" in obj:
     key = "ema" if (use_ema and "ema" in obj) else "model"
     if key not in obj:
-      raise KeyError(f"checkpoint has no {key!r} entry; its keys are {sorted(obj)}")
+      raise ValueError(f"checkpoint has no {key!r} entry; its keys are {sorted(obj)}")
     obj = obj[key]
   elif any(k.startswith(("ema.", "model.")) for k in obj):  # flattened training checkpoint (npz)
     prefix = "ema." if use_ema and any(k.startswith("ema.") for k in obj) else "model."
@@ -443,7 +477,17 @@ def main(argv=None):
   ap.add_argument("--num_heads", type=int, default=None)
   ap.add_argument("--model_only", action="store_true", help="use 'model' instead of 'ema'")
   ap.add_argument("--overwrite", action="store_true")
+  cli.add_debug_flag(ap)
   args = ap.parse_args(argv)
+  src = pathlib.Path(args.src)
+  if not src.exists():
+    raise FileNotFoundError(f"checkpoint {src} does not exist")
+  out_dir = pathlib.Path(args.out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise FileExistsError(f"{out_dir} exists and is a file: choose a directory for the output")
+  if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+    raise FileExistsError(f"{out_dir.resolve()} exists and is not empty: choose a new directory "
+                          f"or pass --overwrite")
   model, params = load_torch_checkpoint(args.src, num_heads=args.num_heads,
                                         use_ema=not args.model_only)
   out = save_converted(args.out_dir, model, params, overwrite=args.overwrite,
@@ -465,4 +509,4 @@ def describe(model) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, "python -m edit_jax.convert")

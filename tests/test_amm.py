@@ -170,3 +170,19 @@ def test_sit_amm_layer_resolution():
   cfg = models.model_config(_sit(amm_layers="1,3", amm_mode="log_bias"))
   again = models.model_from_config(cfg)
   assert again.amm_blocks == (1, 3) and again.amm_mode == "log_bias"
+
+
+def test_amm_settings_do_not_block_resuming_a_checkpoint():
+  """AMM has no parameters: a run resumes across amm_layers/amm_mode/amm_in_train changes, while
+  an architecture change (depth) still blocks."""
+  from edit_jax import train  # noqa: PLC0415
+  base = models.build_model("", input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=4,
+                            num_heads=2, mediator_num=0, num_classes=3, learn_sigma=False)
+  for arch in (base, models.build_model("EDT-S/2", input_size=8, amm_layers="none")):
+    meta = {"model_config": models.model_config(arch), "config": {}}
+    now = arch.clone(amm_layers="all", amm_mode="log_bias", amm_in_train=True)
+    blocking, _ = train.compare_with_checkpoint(train.default_config(), now, meta)
+    assert blocking == []
+  meta = {"model_config": models.model_config(base), "config": {}}
+  blocking, _ = train.compare_with_checkpoint(train.default_config(), base.clone(depth=2), meta)
+  assert blocking == ["model.depth: 4 -> 2"]

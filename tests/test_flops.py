@@ -78,6 +78,8 @@ def _traced_terms(model) -> dict[str, int]:
   terms: dict[str, int] = {}
 
   def term(stack: str) -> str:
+    parts = stack.split("/")  # TokenDense calls nn.Dense.__call__ again: ".../qkv/qkv" -> ".../qkv"
+    stack = "/".join(p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1])
     if "x_embedder" in stack:
       return "patch_embed"
     if "t_embedder" in stack or "adaLN_modulation" in stack:

@@ -163,6 +163,8 @@ class EDTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, c, use_amm: bool = False):
+    """x (B, N, width) tokens, c (B, stage_dims[0]) -> (B, N, width)."""
+    x = sit.materialize_cotangent(x)  # residual-stream cotangent materialized (issue 15)
     w = self.width
     mod = attn_lib.dense(6 * w, "adaLN_modulation_1", ("embed", "adaln"), self.dtype,
                          kernel_init=nn.initializers.zeros_init())(nn.silu(c))

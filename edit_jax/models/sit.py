@@ -86,6 +86,44 @@ def layer_norm(x):
   return ((x - mean) * jax.lax.rsqrt(var + 1e-6)).astype(dtype)
 
 
+def _materialize(t):
+  """Identity on t (..., D) that XLA computes into its own buffer (see `materialize_cotangent`).
+
+  GPU/TPU: `optimization_barrier`, which their compilers keep until after fusion. XLA:CPU removes
+  optimization barriers before fusion, so there t goes through a dot with eye(2) over channel
+  pairs, (..., D/2, 2) x (2, 2): exact (t*1 + u*0, no rounding), 4 flops per element, and a dot is
+  never fused into elementwise consumers.
+  """
+  def cpu(v):
+    pairs = v.reshape(v.shape[:-1] + (v.shape[-1] // 2, 2))
+    eye = jnp.eye(2, dtype=v.dtype)
+    out = jax.lax.dot_general(pairs, eye, (((pairs.ndim - 1,), (0,)), ((), ())),
+                              precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(v.shape)
+  if t.shape[-1] % 2:
+    return jax.lax.optimization_barrier(t)
+  return jax.lax.platform_dependent(t, cpu=cpu, default=jax.lax.optimization_barrier)
+
+
+@jax.custom_jvp
+def materialize_cotangent(x):
+  """Identity on the residual stream x (B, N, D) whose cotangent XLA must materialize.
+
+  Without it, the backward pass's residual-stream cotangent (dx of block l = dx of block l + 1 plus
+  LayerNorm/gate terms) is a chain of elementwise ops that XLA fusion duplicates into every
+  consumer (weight-gradient dots, gate/shift reductions): each block then recomputes the chain of
+  all later blocks, so the gradient costs O(depth^2) elementwise work (issue 15: 12x the forward
+  on CPU at depth 12). Forward values and the forward HLO are unchanged; jvp, vjp and remat work.
+  """
+  return x
+
+
+@materialize_cotangent.defjvp
+def _materialize_cotangent_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return x, _materialize(t)
+
+
 def constrain(x):
   return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -162,6 +200,7 @@ class SiTBlock(nn.Module):
 
   def __call__(self, x, c, use_amm: bool = False):
     """use_amm (static): multiply the attention probabilities by the AMM (full attention only)."""
+    x = materialize_cotangent(x)
     mod = self.adaLN_modulation_1(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h = modulate(layer_norm(x), shift_msa, scale_msa)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edit_jax import convert, flops, models
+from edit_jax import checkpoint, convert, flops, models
 from edit_jax.models import amm, edt
 
 
@@ -169,6 +169,15 @@ def test_convert_cli_on_an_edt_state_dict(golden, tmp_path, capsys):
   assert "params=282,493" in out
   model, _ = convert.load_converted(tmp_path / "cli")
   assert model.stage_dims == (16, 24, 32, 24, 16)
+  # official EDT weights were trained with DiT's Gaussian diffusion: recorded without a flag
+  assert "objective=gaussian (from the file name or architecture" in out
+  assert checkpoint.load_objective(str(tmp_path / "cli"))["objective"] == "gaussian"
+  convert.main([str(golden["dir"] / "state_dict.npz"), str(tmp_path / "tr"),
+                "--objective", "transport"])
+  assert checkpoint.load_objective(str(tmp_path / "tr"))["objective"] == "transport"
+  named = tmp_path / "EDT-S-2.npz"
+  named.write_bytes((golden["dir"] / "state_dict.npz").read_bytes())
+  assert checkpoint.load_objective(str(named))["objective"] == "gaussian"
 
 
 def test_converted_dir_roundtrip(golden, tmp_path):

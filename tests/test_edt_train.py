@@ -63,10 +63,13 @@ def test_get_model_dispatch_and_fields():
   assert xl.stage_depths == (6, 4, 4, 7, 7) and xl.amm_blocks == (23, 25) and xl.uses_mid_mask
   assert s.optim.name == "adan" and s.optim.learning_rate == 5e-4
   assert s.optim.learning_rate * s.optim.end_lr_factor == pytest.approx(5e-5)
-  for preset, amm_blocks, masked_on in [("S2", (7, 10), True), ("B2-nomask", (7, 10), False),
-                                        ("S2-noamm", (), True)]:
+  for preset, amm_blocks, masked_on, objective in [
+      ("S2", (7, 10), True, "gaussian"), ("B2-nomask", (7, 10), False, "gaussian"),
+      ("S2-noamm", (), True, "gaussian"), ("S2-transport", (7, 10), True, "transport")]:
     c = load_config("edt.py", preset)
     assert train.get_model(c).amm_blocks == amm_blocks and c.masked_training.enabled == masked_on
+    assert c.objective == objective and c.model.learn_sigma
+    assert c.sample.method == ("ddpm" if objective == "gaussian" else "heun2")
   with pytest.raises(ValueError, match="unknown preset"):
     load_config("edt.py", "M2")
   for preset in ("plain", "masked", "masked-adan"):
@@ -170,7 +173,8 @@ def test_trainer_masked_adan_sharded_compiles_once(tmp_path, monkeypatch):
   real_masked = masked.make_masked_loss_fn
   monkeypatch.setattr(masked, "make_masked_loss_fn",
                       lambda *a, **kw: losses.append(real_masked(*a, **kw)) or losses[-1])
-  c = tiny_config(**{"optim.name": "adan", "optim.b1": 0.98, "optim.b2": 0.92})
+  c = tiny_config(**{"optim.name": "adan", "optim.b1": 0.98, "optim.b2": 0.92,
+                     "objective": "gaussian", "model.learn_sigma": True})  # as published
   r = train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert r["step"] == 3 and r["stopped"] == "done" and np.isfinite(r["loss"])
   assert len(losses) == 1  # the trainer trains on L_full + L_masked
@@ -183,11 +187,12 @@ def test_trainer_masked_adan_sharded_compiles_once(tmp_path, monkeypatch):
     assert not leaf.sharding.is_fully_replicated, leaf.sharding
   cfg = json.loads((tmp_path / "wd" / "config.json").read_text())
   assert cfg["model"]["arch"] == "edt" and cfg["masked_training"]["enabled"]
+  assert cfg["objective"] == "gaussian"
   res = sample.sample_images(str(tmp_path / "wd"), str(tmp_path / "s"), num_samples=8,
-                             batch_size=8, mode="ode", method="euler", num_steps=3,
-                             progress=False)
+                             batch_size=8, num_steps=3, progress=False)  # DDPM: from the workdir
   s = json.loads((tmp_path / "s" / "summary.json").read_text())
   assert s["model_arch"] == "edt" and s["amm_blocks"] == [1, 2]
+  assert s["objective"] == "gaussian" and s["sampler"]["method"] == "ddpm"
   assert res["images"].shape == (8, 8, 8, 3)
 
 
@@ -317,3 +322,39 @@ def test_edt_with_gaussian_objective():
                                cfg_scale=2.0)
   out = jax.jit(fn)(params, x, y, jax.random.key(4)).x
   assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
+
+
+@pytest.mark.parametrize("objective", ["transport", "gaussian"])
+def test_trainer_loss_follows_the_objective(objective):
+  """train.make_loss_fn (what the trainer runs): config.objective picks the loss, and masked
+  training wraps that objective's loss (Gaussian: every output channel from both passes)."""
+  from edit_jax.diffusion import gaussian
+  lib = gaussian if objective == "gaussian" else transport
+  c = tiny_config(**{"objective": objective, "model.learn_sigma": objective == "gaussian"})
+  model = train.get_model(c)
+  obj = train.get_objective(c, model)
+  assert isinstance(obj, gaussian.GaussianDiffusion if objective == "gaussian"
+                    else transport.Transport)
+  params = models.init_params(model, jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  x = jax.random.normal(jax.random.key(2), (8, 8, 8, 1))
+  y = jnp.arange(8) % 4
+  rng = jax.random.key(5)
+  kw = {"full_output": True} if objective == "gaussian" else {}
+  by_hand = masked.make_masked_loss_fn(
+      model, lambda apply_fn: lib.make_loss_fn(model, obj, apply_fn=apply_fn), **kw)
+  c_plain = tiny_config(**{"objective": objective, "model.learn_sigma": objective == "gaussian",
+                           "masked_training.enabled": False})
+
+  @jax.jit
+  def run(p):
+    return (train.make_loss_fn(c, model, obj)(p, x, y, rng), by_hand(p, x, y, rng),
+            train.make_loss_fn(c_plain, model, obj)(p, x, y, rng),
+            lib.make_loss_fn(model, obj)(p, x, y, rng))
+
+  (got, aux), (want, _), (plain, plain_aux), (plain_want, _) = run(params)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  assert "loss_masked" in aux and "loss_masked" not in plain_aux
+  assert float(plain) == pytest.approx(float(plain_want), rel=1e-6)
+  if objective == "gaussian":
+    assert "vb" in aux and np.asarray(aux["t"]).dtype == np.int32

@@ -1,7 +1,7 @@
 """EDT measurements: FLOPs/params of the official sizes, CPU forward time of EDT-S/2 vs SiT-S/2,
 masked vs plain EDT training on digits, and the training-free AMM on a trained SiT and on EDT.
 
-    python benchmarks/edt_study.py                          # every part (~40 min on 2 CPU cores)
+    python benchmarks/edt_study.py                          # every part (~2 h on a shared 2-core CPU)
     python benchmarks/edt_study.py --parts flops,speed      # the quick ones
     python benchmarks/edt_study.py --render_only            # rebuild the docs section from JSON
 
@@ -417,6 +417,14 @@ def amm_observations(a) -> list[str]:
     verdict = "within sampling noise" if abs(d) <= noise else ("better" if d < 0 else "worse")
     out.append(f"- AMM in blocks {r['amm_blocks']}: FDD {d:+.1f} vs off ({verdict}; noise "
                f"{noise:.1f}), accuracy {r['accuracy'] - base['accuracy']:+.3f}.")
+  acc_noise = abs(a["noise_check_off"]["accuracy"] - base["accuracy"])
+  out.append(f"- The noise figures come from one second noise draw (accuracy moved "
+             f"{acc_noise:.3f} between the two draws): effects near them are weak evidence.")
+  if base["accuracy"] < 0.8:
+    out.append(f"- This SiT is undertrained ({a['train_steps']} steps, accuracy "
+               f"{base['accuracy']} with AMM off; the quickstart (with mediators) reaches ~0.86 "
+               f"after 1,500 steps, configs/quickstart.py): the result says how AMM acts on an "
+               f"early model, not on a converged one.")
   return out
 
 

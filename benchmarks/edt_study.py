@@ -1,7 +1,7 @@
 """EDT measurements: FLOPs/params of the official sizes, CPU forward time of EDT-S/2 vs SiT-S/2,
 masked vs plain EDT training on digits, and the training-free AMM on a trained SiT and on EDT.
 
-    python benchmarks/edt_study.py                          # every part (~40 min on 2 CPU cores)
+    python benchmarks/edt_study.py                          # every part (~2 h on a shared 2-core CPU)
     python benchmarks/edt_study.py --parts flops,speed      # the quick ones
     python benchmarks/edt_study.py --render_only            # rebuild the docs section from JSON
 
@@ -346,7 +346,8 @@ def build_markdown(parts: dict) -> str:
                       f"{v.get('cpu_seconds', 0) / 60:.1f} min CPU" for k, v in tt.items())
     L += ["### Masked vs plain EDT training (digits)", "", _cmd(m) + ".", "",
           f"`configs/edt_digits.py` (`plain` / `masked`), {m['train_steps']} steps each, same "
-          f"seed, initialisation, data order and schedule; {m['num_samples']} samples per row "
+          f"seed, initialisation, data order and schedule (one training seed: a single run per "
+          f"variant, which is what fitted the shared CPU); {m['num_samples']} samples per row "
           f"(Euler ODE, {m['sample_steps']} points, CFG {m['cfg_scale']} on all channels, the "
           f"same noise and labels 0..9 for every row), EMA weights. Training time: {times}. "
           f"Real-data floor at the same N ({m['real_floor']['num']} held-out digits, "
@@ -360,7 +361,8 @@ def build_markdown(parts: dict) -> str:
     nc = a["noise_check_off"]
     L += ["### AMM on a trained SiT (training-free)", "", _cmd(a) + ".", "",
           f"The quickstart SiT with full attention (4 blocks, width 128, patch 4, 8x8 tokens; "
-          f"`configs/quickstart.py` with `mediator_num=0`) trained {a['train_steps']} steps; the "
+          f"`configs/quickstart.py` with `mediator_num=0`) trained {a['train_steps']} steps (one "
+          f"seed); the "
           f"same EMA weights sampled with AMM in the listed blocks ({a['num_samples']} samples, "
           f"Euler ODE {a['sample_steps']} points, CFG {a['cfg_scale']}, fixed noise). Sampling "
           f"noise of the baseline (AMM off, a second noise draw): FDD {nc['fdd']:.1f}, accuracy "
@@ -376,10 +378,24 @@ def masked_observations(m) -> list[str]:
   get = lambda tr, st, amm: next((r for r in rows if r["training"] == tr and r["step"] == st  # noqa: E731
                                   and r["amm"] == amm), None)
   out = ["Observations (computed from the table):", ""]
-  p, q = get("plain", final, "7,10"), get("masked", final, "7,10")
-  if p and q:
-    out.append(f"- At step {final} (AMM on): masked FDD {q['fdd']} vs plain {p['fdd']} "
-               f"({q['fdd'] - p['fdd']:+.1f}); accuracy {q['accuracy']} vs {p['accuracy']}.")
+  for step in sorted({r["step"] for r in rows}):
+    p, q = get("plain", step, "7,10"), get("masked", step, "7,10")
+    if p and q:
+      out.append(f"- At step {step} (AMM on): masked FDD {q['fdd']} vs plain {p['fdd']} "
+                 f"({q['fdd'] - p['fdd']:+.1f}); accuracy {q['accuracy']} vs {p['accuracy']}.")
+  floor = m.get("real_floor")
+  p = get("plain", final, "7,10")
+  if floor and p:
+    out.append(f"- Every FDD is far above the real-data floor ({floor['fdd']:.1f}) while the "
+               f"final models' accuracy ({p['accuracy']}) reaches the floor's "
+               f"({floor['accuracy']:.3f}): the samples are recognisable digits whose features "
+               f"are distributed unlike real ones at this budget and CFG {m['cfg_scale']}. One "
+               f"seed per variant: differences of a few FDD points are not established.")
+  tt = m.get("train_time", {})
+  if tt.get("plain", {}).get("cpu_seconds") and tt.get("masked", {}).get("cpu_seconds"):
+    out.append(f"- Masked training (two forwards per step) took "
+               f"{tt['masked']['cpu_seconds'] / tt['plain']['cpu_seconds']:.2f}x the process CPU "
+               f"time of plain training (whole runs, compilation included).")
   for tr in ("plain", "masked"):
     on, off = get(tr, final, "7,10"), get(tr, final, "off")
     if on and off:
@@ -401,6 +417,14 @@ def amm_observations(a) -> list[str]:
     verdict = "within sampling noise" if abs(d) <= noise else ("better" if d < 0 else "worse")
     out.append(f"- AMM in blocks {r['amm_blocks']}: FDD {d:+.1f} vs off ({verdict}; noise "
                f"{noise:.1f}), accuracy {r['accuracy'] - base['accuracy']:+.3f}.")
+  acc_noise = abs(a["noise_check_off"]["accuracy"] - base["accuracy"])
+  out.append(f"- The noise figures come from one second noise draw (accuracy moved "
+             f"{acc_noise:.3f} between the two draws): effects near them are weak evidence.")
+  if base["accuracy"] < 0.8:
+    out.append(f"- This SiT is undertrained ({a['train_steps']} steps, accuracy "
+               f"{base['accuracy']} with AMM off; the quickstart (with mediators) reaches ~0.86 "
+               f"after 1,500 steps, configs/quickstart.py): the result says how AMM acts on an "
+               f"early model, not on a converged one.")
   return out
 
 

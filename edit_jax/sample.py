@@ -1,9 +1,12 @@
-"""Sample images from SiT checkpoints: command line and `sample_images(...)` for notebooks.
+"""Sample images from SiT / DiT / EDT checkpoints: command line and `sample_images(...)` for notebooks.
 
     python -m edit_jax.sample --ckpt CKPT --out DIR --num_samples 64 --batch_size 32 \\
-        [--mode sde|ode] [--method Euler|Heun|euler|heun2|dopri5] [--num_steps 250] \\
+        [--objective transport|gaussian] [--mode sde|ode|ddpm|ddim] \\
+        [--method Euler|Heun|euler|heun2|dopri5] [--num_steps 250] [--eta 0.0] \\
+        [--respacing ddim50] [--clip_denoised] \\
         [--cfg_scale 4.0] [--guide_channels 3|all] [--guidance_interval 0.0,0.7] \\
-        [--classes random|3,17,207|FILE] [--seed 0] [--vae PATH] [--raw_weights] [--overwrite]
+        [--classes random|3,17,207|FILE] [--seed 0] [--vae PATH] [--raw_weights] [--overwrite] \\
+        [--amm official|official_alt|none|all|7,10] [--amm_mode post_softmax|log_bias]
     # step-wise dynamic mediators: several checkpoints, fewest mediators first
     python -m edit_jax.sample --ckpt n4 --ckpt n16 --ckpt n64 --switch_ratios 0.8,0.6 \\
         --first_several 3 --distance l1 --out DIR ...
@@ -26,8 +29,22 @@ User errors (missing checkpoint, bad option, existing output) exit with status 2
 scripts (clip(127.5 x + 128)); latent models (4 channels) are decoded by the SD-VAE given with --vae
 (or $EDIT_JAX_VAE). The batch is split over all local devices (NamedSharding).
 
-Defaults follow the official sample_ddp.py: SDE Euler-Maruyama, sigma diffusion, Mean last step
-0.04, 250 steps, cfg 1.0, uniform random labels.
+--amm applies EDT's attention modulation matrix (training-free, edit_jax.models.amm) in the named
+blocks of any full-attention model (SiT, DiT, EDT; mediator blocks are never modulated): default
+"keep" uses the checkpoint's setting (EDT: its official blocks; SiT: none), "official" the EDT
+code's list for the model (EDT-S/B: 7,10; EDT-XL: 23,25; DiT/SiT-XL/2: 15,17,19,22,24; -S/2: 8,10),
+"official_alt" EDT's list for CFG >= 2 (S/B: 8; XL: 24), "none" switches it off.
+
+Objective: what the checkpoint was trained with. By default it is read from the checkpoint
+(training workdirs and converted directories record it, `convert` records gaussian for EDT
+weights; an official file named `DiT-*` or `EDT-*` is taken as gaussian, any other unconverted
+file as transport); `--objective` overrides. "transport" (SiT): `--mode sde|ode`. "gaussian" (DiT's discrete diffusion): `--mode ddpm|ddim` on the chain
+`create_diffusion(str(num_steps))` (or `--respacing`, e.g. ddim50 or 100,50), `--eta` for DDIM,
+`--clip_denoised` to clip x0 to [-1, 1].
+
+Defaults follow the official scripts: SiT sample_ddp.py (SDE Euler-Maruyama, sigma diffusion,
+Mean last step 0.04, 250 steps) and DiT sample_ddp.py (DDPM, 250 steps, no clipping); cfg 1.0,
+uniform random labels.
 """
 from __future__ import annotations
 
@@ -44,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax import cli
-from edit_jax.diffusion import guidance, samplers
+from edit_jax.diffusion import gaussian, guidance, samplers
 from edit_jax.diffusion.transport import create_transport
 
 OUTPUT_FILES = ("samples.npz", "grid.png", "summary.json")
@@ -56,7 +73,8 @@ class SampleConfig:
   out: Optional[str] = None
   num_samples: int = 64
   batch_size: int = 32
-  mode: str = "sde"                     # "sde" | "ode"
+  objective: Optional[str] = None       # "transport" | "gaussian" (None: from the checkpoint)
+  mode: Optional[str] = None            # "sde" | "ode" (transport), "ddpm" | "ddim" (gaussian)
   method: Optional[str] = None          # sde: Euler|Heun; ode: euler|heun2|dopri5 (None: default)
   num_steps: int = 250
   atol: float = 1e-6
@@ -68,6 +86,9 @@ class SampleConfig:
   path_type: str = "Linear"
   prediction: str = "velocity"
   sample_eps: Optional[float] = None
+  eta: float = 0.0                      # gaussian DDIM noise
+  clip_denoised: bool = False           # gaussian: clip the x0 prediction to [-1, 1]
+  respacing: str = ""                   # gaussian: chain ("" -> str(num_steps); "ddim50", ...)
   cfg_scale: float = 1.0
   guide_channels: Optional[int] = 3
   guidance_interval: Optional[Any] = None
@@ -81,18 +102,59 @@ class SampleConfig:
   per_sample_switching: bool = True
   overwrite: bool = False
   progress: bool = True
+  amm: Optional[Any] = None             # None: as the checkpoint; "none", "official", "7,10", ...
+  amm_mode: Optional[str] = None        # None: as the checkpoint; "post_softmax" | "log_bias"
   grid_max: int = 64
 
 
-def sampler_config(cfg: SampleConfig):
-  if cfg.mode == "sde":
+OBJECTIVES = ("transport", "gaussian")
+MODES = {"transport": ("sde", "ode"), "gaussian": ("ddpm", "ddim")}
+
+
+def sampler_config(cfg: SampleConfig, objective: str = "transport"):
+  mode = cfg.mode or MODES[objective][0]
+  if mode not in MODES[objective]:
+    other = "gaussian" if objective == "transport" else "transport"
+    if mode in MODES[other]:
+      raise ValueError(f"--mode {mode} samples the {other} objective but this checkpoint uses "
+                       f"objective={objective!r}: use --mode {'/'.join(MODES[objective])} (or "
+                       f"--objective {other} if the checkpoint's objective is recorded wrongly)")
+    raise ValueError(f"unknown mode {mode!r}: expected one of "
+                     f"{MODES['transport'] + MODES['gaussian']}")
+  if objective == "gaussian":
+    if cfg.method is not None:
+      raise ValueError(f"--method {cfg.method} is a transport option; the gaussian objective "
+                       f"chooses its sampler with --mode ddpm|ddim")
+    return gaussian.GaussianSamplerConfig(method=mode, num_steps=cfg.num_steps, eta=cfg.eta,
+                                          clip_denoised=cfg.clip_denoised,
+                                          respacing=cfg.respacing).validate()
+  if cfg.eta or cfg.respacing or cfg.clip_denoised:
+    raise ValueError("--eta, --respacing and --clip_denoised apply to the gaussian objective "
+                     "(DDPM/DDIM) only")
+  if mode == "sde":
     return samplers.SDEConfig(method=cfg.method or "Euler", num_steps=cfg.num_steps,
                               diffusion_form=cfg.diffusion_form, diffusion_norm=cfg.diffusion_norm,
                               last_step=cfg.last_step, last_step_size=cfg.last_step_size).validate()
-  if cfg.mode == "ode":
-    return samplers.ODEConfig(method=cfg.method or "dopri5", num_steps=cfg.num_steps,
-                              atol=cfg.atol, rtol=cfg.rtol).validate()
-  raise ValueError(f"unknown mode {cfg.mode!r}: expected 'sde' or 'ode'")
+  return samplers.ODEConfig(method=cfg.method or "dopri5", num_steps=cfg.num_steps,
+                            atol=cfg.atol, rtol=cfg.rtol).validate()
+
+
+def resolve_objective(cfg: SampleConfig) -> tuple[str, Optional[dict]]:
+  """(objective, Gaussian diffusion settings or None): --objective, else what the checkpoints
+  record (they must agree), else "transport"."""
+  from edit_jax import checkpoint  # noqa: PLC0415
+  if cfg.objective is not None and cfg.objective not in OBJECTIVES:
+    raise ValueError(f"objective={cfg.objective!r}: expected one of {list(OBJECTIVES)}")
+  records = [checkpoint.load_objective(c) for c in cfg.ckpts]
+  known = {r["objective"] for r in records if r is not None}
+  if cfg.objective is None and len(known) > 1:
+    raise ValueError(f"the checkpoints were trained with different objectives {sorted(known)}: a "
+                     f"schedule needs one objective")
+  objective = cfg.objective or (known.pop() if known else "transport")
+  settings = [r.get("diffusion") for r in records if r is not None and r.get("diffusion")]
+  if objective == "gaussian" and settings and any(x != settings[0] for x in settings):
+    raise ValueError(f"the checkpoints record different diffusion settings: {settings}")
+  return objective, (settings[0] if objective == "gaussian" and settings else None)
 
 
 def _check_outputs(out: Optional[str], overwrite: bool):
@@ -189,6 +251,21 @@ def _load_models(cfg: SampleConfig):
   return out
 
 
+def with_amm(model, amm=None, amm_mode=None):
+  """`model` with its AMM blocks / mode replaced (None: unchanged); validated."""
+  kw = {}
+  if amm is not None and str(amm).strip().lower() != "keep":
+    from edit_jax.models import amm as amm_lib  # noqa: PLC0415
+    kw["amm_layers"] = amm_lib.parse_layers(amm)
+  if amm_mode is not None:
+    kw["amm_mode"] = amm_mode
+  if not kw:
+    return model
+  model = model.clone(**kw)
+  model.validate()
+  return model
+
+
 def _decoder(model, cfg: SampleConfig):
   """Returns f(states (B, H, W, C)) -> uint8 (B, H', W', 3); raises before any sampling."""
   if model.in_channels in (1, 3):
@@ -224,8 +301,14 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
   from edit_jax import flops  # noqa: PLC0415
   # ---- validation before any work
   _check_outputs(cfg.out, cfg.overwrite)
-  scfg = sampler_config(cfg)
-  transport = create_transport(cfg.path_type, cfg.prediction, sample_eps=cfg.sample_eps)
+  objective, diffusion_settings = resolve_objective(cfg)
+  scfg = sampler_config(cfg, objective)
+  if objective == "gaussian":
+    # provisional (learned variance or not comes from the model): validates the chain now
+    transport = gaussian.diffusion_from_settings(diffusion_settings, True)
+    gaussian.check_guidance(cfg.cfg_scale, cfg.guide_channels, cfg.guidance_interval)
+  else:
+    transport = create_transport(cfg.path_type, cfg.prediction, sample_eps=cfg.sample_eps)
   if scfg.kind == "sde" or scfg.fixed:
     samplers.program(transport, scfg)
   if cfg.num_samples < 1 or cfg.batch_size < 1:
@@ -254,6 +337,7 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
 
   # ---- models
   mp = models_and_params if models_and_params is not None else _load_models(cfg)
+  mp = [(with_amm(m, cfg.amm, cfg.amm_mode), p) for m, p in mp]
   models_ = [m for m, _ in mp]
   params = [p for _, p in mp]
   if n_models > 1:
@@ -261,6 +345,8 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
   model = models_[-1]
   guidance.check_guidance(cfg.cfg_scale, cfg.guide_channels, cfg.guidance_interval,
                           model.in_channels)
+  if objective == "gaussian":
+    transport = gaussian.diffusion_from_settings(diffusion_settings, model.learn_sigma)
   decode = _decoder(model, cfg)
   labels = _labels(cfg, model.num_classes)
 
@@ -278,9 +364,9 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
         guide_channels=cfg.guide_channels, guidance_interval=cfg.guidance_interval,
         per_sample=cfg.per_sample_switching, mesh=mesh if len(devices) > 1 else None)
   else:
-    fn = samplers.make_sample_fn(model, transport, scfg, cfg_scale=cfg.cfg_scale,
-                                 guide_channels=cfg.guide_channels,
-                                 guidance_interval=cfg.guidance_interval)
+    make = gaussian.make_sample_fn if objective == "gaussian" else samplers.make_sample_fn
+    fn = make(model, transport, scfg, cfg_scale=cfg.cfg_scale, guide_channels=cfg.guide_channels,
+              guidance_interval=cfg.guidance_interval)
     jitted = jax.jit(fn, out_shardings=samplers.Sample(batch_sh, repl))
     params_r = jax.device_put(params[0], repl)
 
@@ -345,9 +431,14 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
       "num_samples": cfg.num_samples, "batch_size": b, "devices": len(devices),
       "device_kind": devices[0].device_kind, "image_shape": list(images.shape[1:]),
       "sampler": dataclasses.asdict(scfg) | {"kind": scfg.kind},
-      "transport": dataclasses.asdict(transport),
+      "objective": objective,
+      "transport": dataclasses.asdict(transport) if objective == "transport" else None,
+      "diffusion": (gaussian.for_sampling(transport, scfg).describe()
+                    if objective == "gaussian" else None),
       "cfg_scale": cfg.cfg_scale, "guide_channels": cfg.guide_channels,
       "guidance_interval": cfg.guidance_interval, "seed": cfg.seed,
+      "model_arch": getattr(model, "arch", "sit"),
+      "amm_blocks": list(getattr(model, "amm_blocks", ())), "amm_mode": model.amm_mode,
       "nfe_per_image": float(np.mean(nfes)),
       "gflops_per_forward": g_model,
       "gflops_per_image": gflops_img,
@@ -376,14 +467,23 @@ def _parse_interval(s):
 def build_parser() -> argparse.ArgumentParser:
   d = SampleConfig()
   ap = argparse.ArgumentParser(prog="python -m edit_jax.sample",
-                               description="Sample images from SiT checkpoints.")
+                               description="Sample images from SiT / DiT / EDT checkpoints.")
   ap.add_argument("--ckpt", action="append", required=True, dest="ckpts",
                   help="checkpoint (repeat for the dynamic schedule, fewest mediators first)")
   ap.add_argument("--out", required=True, help="output directory")
   ap.add_argument("--num_samples", type=int, default=d.num_samples)
   ap.add_argument("--batch_size", type=int, default=d.batch_size)
-  ap.add_argument("--mode", choices=("sde", "ode"), default=d.mode)
+  ap.add_argument("--objective", choices=OBJECTIVES, default=None,
+                  help="what the checkpoint was trained with (default: recorded in it, else "
+                       "transport)")
+  ap.add_argument("--mode", choices=("sde", "ode", "ddpm", "ddim"), default=None,
+                  help="transport: sde (default) | ode; gaussian: ddpm (default) | ddim")
   ap.add_argument("--method", default=None, help="SDE: Euler|Heun; ODE: euler|heun2|dopri5")
+  ap.add_argument("--eta", type=float, default=d.eta, help="gaussian DDIM noise (0: deterministic)")
+  ap.add_argument("--respacing", default=d.respacing,
+                  help="gaussian: timestep respacing, e.g. 250, ddim50, 100,50 (default: num_steps)")
+  ap.add_argument("--clip_denoised", action="store_true",
+                  help="gaussian: clip the predicted x0 to [-1, 1] (pixel-space models)")
   ap.add_argument("--num_steps", type=int, default=d.num_steps)
   ap.add_argument("--atol", type=float, default=d.atol)
   ap.add_argument("--rtol", type=float, default=d.rtol)
@@ -410,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                   help="official batch-level switching instead of per-sample")
   ap.add_argument("--overwrite", action="store_true")
   ap.add_argument("--no_progress", action="store_true")
+  ap.add_argument("--amm", default=None,
+                  help="EDT's attention modulation matrix: keep (checkpoint's setting), none, "
+                       "official, official_alt, all, or block indices '7,10'")
+  ap.add_argument("--amm_mode", default=None, choices=("post_softmax", "log_bias"))
   cli.add_debug_flag(ap)
   return ap
 
@@ -424,6 +528,7 @@ def config_from_args(argv=None) -> SampleConfig:
         from None
   return SampleConfig(
       ckpts=a.ckpts, out=a.out, num_samples=a.num_samples, batch_size=a.batch_size, mode=a.mode,
+      objective=a.objective, eta=a.eta, respacing=a.respacing, clip_denoised=a.clip_denoised,
       method=a.method, num_steps=a.num_steps, atol=a.atol, rtol=a.rtol,
       diffusion_form=a.diffusion_form, diffusion_norm=a.diffusion_norm,
       last_step=None if a.last_step in ("None", "none") else a.last_step,
@@ -432,7 +537,7 @@ def config_from_args(argv=None) -> SampleConfig:
       guidance_interval=_parse_interval(a.guidance_interval), labels=a.labels, seed=a.seed,
       ema=not a.raw_weights, vae=a.vae, switch_ratios=ratios, first_several=a.first_several,
       distance=a.distance, per_sample_switching=not a.batch_switching, overwrite=a.overwrite,
-      progress=not a.no_progress)
+      progress=not a.no_progress, amm=a.amm, amm_mode=a.amm_mode)
 
 
 def main(argv=None):

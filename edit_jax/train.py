@@ -7,7 +7,9 @@ born sharded (params + AdamW state + EMA, by the model's logical axis names; see
 ``edit_jax.sharding``), resumes from ``workdir/checkpoints`` when possible (else initializes, or
 loads ``config.init_from``), and runs one jitted, donated train step per global batch:
 
-    rng_t = fold_in(rng_base, step);  loss = transport loss (edit_jax.diffusion.transport.make_loss_fn)
+    rng_t = fold_in(rng_base, step);  loss = the objective's loss (``config.objective``:
+      "transport" = SiT, edit_jax.diffusion.transport.make_loss_fn; "gaussian" = DiT,
+      edit_jax.diffusion.gaussian.make_loss_fn with ``config.diffusion``)
     grads (optionally accumulated over micro-batches) -> [clip] -> AdamW -> EMA update
 
 Recipe of the paper / official code (spec/sit_mediators.md section 6): AdamW lr 1e-4, no weight
@@ -47,6 +49,7 @@ from edit_jax import data as data_lib
 from edit_jax import metrics as metrics_lib
 from edit_jax import models
 from edit_jax import sharding as sharding_lib
+from edit_jax.diffusion import gaussian as gaussian_lib
 from edit_jax.diffusion import transport as transport_lib
 
 # Re-exported: the official 256 -> 512 -> 1024 rule lives with the other checkpoint helpers.
@@ -71,13 +74,29 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # Model: a name from edit_jax.models.MODEL_NAMES; size fields left at 0 come from the name.
   c.model = ml_collections.ConfigDict(dict(
-      name="SiT-XL/2", input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
-      learn_sigma=True, mediator_num=0, mediator_layers="all", attention_impl="xla",
-      full_attention_impl="", dtype="float32", remat=False,
-      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0))
+      arch="sit", name="SiT-XL/2", input_size=32, in_channels=4, num_classes=1000,
+      class_dropout_prob=0.1, learn_sigma=True, mediator_num=0, mediator_layers="all",
+      attention_impl="xla", full_attention_impl="", dtype="float32", remat=False,
+      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0,
+      # arch="edt" (EDT-S/2, EDT-B/2, EDT-XL/2 or a custom layout): empty = from the name
+      stage_depths=(), stage_dims=(), stage_heads=()))
+  # EDT's attention modulation matrix at sampling time (any full-attention model; docs/edt.md).
+  # layers: "official" (EDT lists per size; DiT-XL/2 / -S/2 plug-in lists for SiT), "official_alt",
+  # "all", or block indices "7,10". mode: post_softmax | log_bias.
+  c.amm = ml_collections.ConfigDict(dict(enabled=False, layers="official", mode="post_softmax",
+                                         in_train=False))
+  # EDT token relation-enhanced masked training: L_full + L_masked (model.arch="edt" only).
+  # ratios: one (lo, hi) per DownSample, () = official (U(0.4, 0.5), then U(0.1, 0.2));
+  # mid_mask: auto (on for the XL layout) | on | off.
+  c.masked_training = ml_collections.ConfigDict(dict(
+      enabled=False, ratios=(), mid_mask="auto", mid_mask_block=4, mid_mask_ratio=(0.15, 0.25)))
+  # Objective: "transport" (SiT's interpolants, c.transport) or "gaussian" (DiT's discrete
+  # diffusion, c.diffusion = the create_diffusion flags; learned variance = model.learn_sigma).
+  c.objective = "transport"
   c.transport = ml_collections.ConfigDict(dict(
       path_type="Linear", prediction="velocity", loss_weight="none",
       train_eps=-1.0, sample_eps=-1.0))  # < 0: the official defaults
+  c.diffusion = ml_collections.ConfigDict(dict(gaussian_lib.DIFFUSION_DEFAULTS))
   c.data = ml_collections.ConfigDict(dict(
       name="latents", path="", image_size=256, channels=3, num_classes=1000, random_flip=True,
       latent_sample=True, space="pixels", latent_channels=4, tfds_name="", split="train",
@@ -86,8 +105,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 400_000
   c.grad_accum_steps = 1
   c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, schedule="constant",
-      warmup_steps=0, end_lr_factor=0.0, grad_clip=0.0))
+      name="adamw", learning_rate=1e-4, b1=0.9, b2=0.999, b3=0.99, eps=1e-8, weight_decay=0.0,
+      schedule="constant", warmup_steps=0, end_lr_factor=0.0, grad_clip=0.0))
+  # name="adan": EDT's optimizer (edit_jax.optim.adan, betas b1/b2/b3 in the torch convention,
+  # EDT: 0.98, 0.92, 0.99)
   c.ema_decay = 0.9999
   c.ema_warmup = False           # decay_t = min(decay, (1 + t) / (10 + t)) when True
   # Mesh: sizes for ("data", "fsdp"); one may be -1. fsdp_min_size: smaller tensors replicate.
@@ -102,7 +123,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       every=10000, method="heun2", num_steps=50, cfg_scale=4.0, guide_channels=3,
       classes=IMAGENET_SAMPLE_CLASSES, per_class=2, vae_path="", seed=1, upscale=1,
-      digit_accuracy=False))  # digits data: score grids with edit_jax.eval.digits' classifier
+      digit_accuracy=False,  # digits data: score grids with edit_jax.eval.digits' classifier
+      eta=0.0, clip_denoised=False, respacing=""))  # objective="gaussian" (method ddpm / ddim)
   c.init_from = ""               # workdir / converted dir / .pt / .npz to initialize params from
   c.init_from_ema = True
   c.init_from_grid = 0           # token grid of init_from weights if it differs (0: infer)
@@ -113,11 +135,29 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def get_model(config) -> models.SiT:
-  """The SiT described by ``config.model`` (validated)."""
+_EDT_ONLY = ("stage_depths", "stage_dims", "stage_heads")
+_SIT_ONLY = ("mediator_num", "mediator_layers", "attention_impl", "hidden_size", "depth",
+             "num_heads")
+
+
+def get_model(config):
+  """The model (SiT, or EDT when ``config.model.arch == "edt"``) described by ``config.model``,
+  ``config.amm`` and ``config.masked_training`` (validated)."""
   mc = config.model.to_dict()
+  arch = mc.pop("arch", "sit") or "sit"
   name = mc.pop("name")
-  kwargs = {}
+  kwargs = _amm_kwargs(config)
+  if arch == "edt":
+    return _get_edt(config, name, mc, kwargs)
+  if arch != "sit":
+    raise ConfigError(f"model.arch={arch!r}: expected 'sit' or 'edt'")
+  if config.get("masked_training") is not None and config.masked_training.enabled:
+    raise ConfigError("masked_training.enabled needs model.arch='edt' (EDT masks inside its "
+                      "down-sampling modules; SiT has none): set --config.model.arch=edt or "
+                      "--config.masked_training.enabled=False")
+  for k in _EDT_ONLY:
+    if mc.pop(k, ()):
+      raise ConfigError(f"model.{k} is an EDT field: set --config.model.arch=edt, or leave it empty")
   for k, v in mc.items():
     if k in ("hidden_size", "depth", "num_heads", "patch_size") and not v:
       continue
@@ -134,12 +174,90 @@ def get_model(config) -> models.SiT:
     raise ConfigError(f"config.model: {e}") from e
 
 
+def _amm_kwargs(config) -> dict:
+  ac = config.get("amm")
+  if ac is None:
+    return {}
+  if not ac.enabled:
+    return {"amm_layers": "none"}
+  return {"amm_layers": ac.layers, "amm_mode": ac.mode, "amm_in_train": bool(ac.in_train)}
+
+
+def _get_edt(config, name, mc, kwargs):
+  """EDT from config.model (arch="edt"); mediator fields must stay at their defaults."""
+  if mc.get("mediator_num"):
+    raise ConfigError("model.mediator_num is a SiT option: EDT uses full attention with a "
+                      "relative-position bias in every block (set --config.model.mediator_num=0)")
+  for k in _SIT_ONLY:
+    mc.pop(k, None)
+  for k in _EDT_ONLY + ("patch_size",):
+    if not mc.get(k):
+      mc.pop(k, None)
+  mc["full_attention_impl"] = mc.get("full_attention_impl") or None
+  mt = config.get("masked_training")
+  if mt is not None:
+    mid = str(mt.mid_mask).lower()
+    if mid not in ("auto", "on", "off", "true", "false"):
+      raise ConfigError(f"masked_training.mid_mask={mt.mid_mask!r}: expected auto, on or off")
+    mc.update(mask_ratios=tuple(tuple(r) for r in mt.ratios) if mt.ratios else None,
+              mid_mask=None if mid == "auto" else mid in ("on", "true"),
+              mid_mask_block=int(mt.mid_mask_block), mid_mask_ratio=tuple(mt.mid_mask_ratio))
+  mc.update(kwargs)
+  if not name:
+    mc["arch"] = "edt"
+  elif not str(name).startswith("EDT"):
+    raise ConfigError(f"model.name={name!r} with model.arch='edt': use EDT-S/2, EDT-B/2, "
+                      f"EDT-XL/2, or an empty name with model.stage_depths/dims/heads")
+  try:
+    return models.build_model(name or None, **mc)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.model (EDT): {e}") from e
+
+
 def get_transport(config) -> transport_lib.Transport:
   tc = config.transport
   lw = tc.loss_weight
   return transport_lib.create_transport(
       tc.path_type, tc.prediction, None if lw in ("none", "None", "", None) else lw,
       None if tc.train_eps < 0 else tc.train_eps, None if tc.sample_eps < 0 else tc.sample_eps)
+
+
+OBJECTIVES = ("transport", "gaussian")
+
+
+def get_diffusion(config, model) -> gaussian_lib.GaussianDiffusion:
+  """The training diffusion (all ``config.diffusion.diffusion_steps`` steps) of objective="gaussian"."""
+  try:
+    return gaussian_lib.diffusion_from_settings(config.diffusion.to_dict(), model.learn_sigma)
+  except ValueError as e:
+    raise ConfigError(f"config.diffusion: {e}") from e
+
+
+def get_objective(config, model):
+  """``Transport`` (objective="transport") or ``GaussianDiffusion`` (objective="gaussian")."""
+  if config.get("objective", "transport") not in OBJECTIVES:
+    raise ConfigError(f"objective={config.objective!r}: expected one of {list(OBJECTIVES)}")
+  if config.get("objective", "transport") == "gaussian":
+    return get_diffusion(config, model)
+  return get_transport(config)
+
+
+def make_loss_fn(config, model, objective):
+  """The training loss ``loss_fn(params, x, y, rng) -> (loss, aux)`` of ``config.objective``
+  (``objective``: the ``Transport`` or ``GaussianDiffusion`` of `get_objective`), or EDT's
+  L_full + L_masked with that objective's loss for both passes when
+  ``config.masked_training.enabled`` (edit_jax.diffusion.masked; the masked pass reuses the full
+  pass's t with fresh noise)."""
+  gaussian = config.get("objective", "transport") == "gaussian"
+  lib = gaussian_lib if gaussian else transport_lib
+  mt = config.get("masked_training")
+  if mt is not None and mt.enabled:
+    from edit_jax.diffusion import masked  # noqa: PLC0415
+    # the Gaussian loss needs every output channel (learned variance) from both passes
+    kw = {"full_output": True} if gaussian else {}
+    return masked.make_masked_loss_fn(
+        model, lambda apply_fn: lib.make_loss_fn(model, objective, apply_fn=apply_fn), **kw)
+  return lib.make_loss_fn(model, objective)
 
 
 def check_config(config, model: models.SiT, example_shape, num_classes: int):
@@ -165,10 +283,17 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
   if config.optim.schedule not in ("constant", "cosine", "linear"):
     raise ConfigError(f"optim.schedule={config.optim.schedule!r}: expected constant, cosine or "
                       "linear")
+  gaussian = config.get("objective", "transport") == "gaussian"
+  method = str(config.sample.method)
+  if config.sample.every > 0 and gaussian != (method.lower() in gaussian_lib.METHODS):
+    want = ("'ddpm' or 'ddim'" if gaussian else "'euler', 'heun2', 'dopri5' (ODE) or 'Euler', "
+            "'Heun' (SDE)")
+    raise ConfigError(f"sample.method={method!r} does not fit objective="
+                      f"{config.get('objective', 'transport')!r}: use {want}")
   check_optim_config(config)
   if config.sample.every > 0:
     try:
-      sampler_config(config.sample)
+      sampler_config(config.sample, config.get("objective", "transport"))
     except ValueError as e:
       raise ConfigError(f"config.sample: {e}") from None
 
@@ -237,10 +362,21 @@ def make_schedule(oc, num_steps: int) -> Callable:
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
-  """AdamW (+ optional global-norm clipping) with the configured schedule."""
+  """AdamW or Adan (``optim.name``) (+ optional global-norm clipping) with the schedule."""
   oc = config.optim
   schedule = make_schedule(oc, config.num_train_steps)
-  tx = optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+  name = oc.get("name", "adamw")
+  if name == "adamw":
+    tx = optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+  elif name == "adan":
+    from edit_jax import optim  # noqa: PLC0415
+    try:
+      tx = optim.adan(schedule, b1=oc.b1, b2=oc.b2, b3=oc.get("b3", 0.99), eps=oc.eps,
+                      weight_decay=oc.weight_decay)
+    except ValueError as e:
+      raise ConfigError(f"config.optim: {e}") from e
+  else:
+    raise ConfigError(f"optim.name={name!r}: expected 'adamw' or 'adan'")
   if oc.grad_clip and oc.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
   return tx, schedule
@@ -463,15 +599,21 @@ def sample_labels(config, num_classes: int) -> np.ndarray:
   return np.repeat(np.asarray(classes, np.int32), int(config.sample.per_class))
 
 
-def sampler_config(sc):
-  """The validated ``edit_jax.diffusion.samplers`` config of ``config.sample`` (ValueError)."""
+def sampler_config(sc, objective: str = "transport"):
+  """The validated sampler config of ``config.sample`` (ValueError): an
+  ``edit_jax.diffusion.samplers`` ODE/SDE config for the transport, a
+  ``GaussianSamplerConfig`` (DDPM/DDIM) for ``objective="gaussian"``."""
   from edit_jax.diffusion import guidance, samplers  # noqa: PLC0415
-  if sc.method in ("Euler", "Heun"):
+  if objective == "gaussian":
+    cfg = gaussian_lib.GaussianSamplerConfig(
+        method=sc.method, num_steps=sc.num_steps, eta=sc.get("eta", 0.0),
+        clip_denoised=sc.get("clip_denoised", False), respacing=sc.get("respacing", ""))
+  elif sc.method in ("Euler", "Heun"):
     cfg = samplers.SDEConfig(method=sc.method, num_steps=sc.num_steps)
   else:
     cfg = samplers.ODEConfig(method=sc.method, num_steps=sc.num_steps)
   cfg = cfg.validate()
-  if sc.num_steps < 2:
+  if objective != "gaussian" and sc.num_steps < 2:  # a Gaussian chain may be set by respacing
     raise ValueError(f"num_steps={sc.num_steps} must be >= 2 (grid points)")
   if sc.per_class < 1:
     raise ValueError(f"per_class={sc.per_class} must be >= 1")
@@ -480,14 +622,20 @@ def sampler_config(sc):
 
 
 def make_sampler(config, model, transport, mesh, ema_shardings):
-  """A jitted ``(ema_params, x0, y) -> samples`` with edit_jax.diffusion.samplers (EMA model, CFG)."""
+  """A jitted ``(ema_params, x0, y, rng) -> samples`` (EMA model, CFG): edit_jax.diffusion.samplers
+  for a ``Transport``, DDPM/DDIM (edit_jax.diffusion.gaussian) for a ``GaussianDiffusion``."""
   from edit_jax.diffusion import samplers  # noqa: PLC0415
   sc = config.sample
-  cfg = sampler_config(sc)
+  gaussian = isinstance(transport, gaussian_lib.GaussianDiffusion)
+  cfg = sampler_config(sc, "gaussian" if gaussian else "transport")
   gc = None if sc.guide_channels is None or sc.guide_channels < 0 else int(sc.guide_channels)
   if gc is not None and gc > model.in_channels:
     gc = None
-  fn = samplers.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale, guide_channels=gc)
+  if gaussian:
+    fn = gaussian_lib.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale,
+                                     guide_channels=gc)
+  else:
+    fn = samplers.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale, guide_channels=gc)
   rep = NamedSharding(mesh, P())
   return jax.jit(lambda p, x0, y, rng: fn(p, x0, y, rng).x,
                  in_shardings=(ema_shardings, rep, rep, rep), out_shardings=rep)
@@ -512,8 +660,10 @@ def _config_json(config) -> dict:
 
 
 # Model fields that change how the model is computed, not what it is: a checkpoint resumes across
-# them (e.g. written with the XLA attention on CPU, resumed with the Pallas kernel in bfloat16).
-RUNTIME_MODEL_FIELDS = ("attention_impl", "full_attention_impl", "dtype", "remat")
+# them (e.g. written with the XLA attention on CPU, resumed with the Pallas kernel in bfloat16;
+# EDT's attention modulation matrix has no parameters, so its settings may change too).
+RUNTIME_MODEL_FIELDS = ("attention_impl", "full_attention_impl", "dtype", "remat", "amm_layers",
+                        "amm_mode", "amm_in_train", "amm_k", "amm_period_factor")
 
 
 def _flat_config(d, prefix=""):
@@ -560,7 +710,8 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
   state, _ = create_train_state(model, tx, mesh, init_rng, rules, config.fsdp_min_size)
   if config.init_from:
     src_model, src_params, desc = ckpt_lib.load_init_params(
-        config.init_from, ema=config.init_from_ema, num_heads=model.num_heads)
+        config.init_from, ema=config.init_from_ema,
+        num_heads=model.num_heads if models.arch_of(model) == "sit" else None)
     src_grid = config.init_from_grid or (src_model.grid if src_model is not None else model.grid)
     merged, report = ckpt_lib.merge_params(state.params, src_params, src_grid=src_grid,
                                            dst_grid=model.grid, place=ckpt_lib.place_like)
@@ -581,6 +732,21 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
     ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)(params)
     state = state.replace(params=params, opt_state=opt_state, ema_params=ema)
   return state, shardings, None
+
+
+def _check_resumed_objective(wd: epath.Path, config):
+  """A workdir with checkpoints resumes only with the objective it was trained with (checked before
+  config.json is rewritten)."""
+  ckdir = ckpt_lib.checkpoint_dir(str(wd))
+  if not (wd / "config.json").exists() or not ckdir.exists():
+    return
+  if not any(p.name.isdigit() for p in ckdir.iterdir()):
+    return
+  saved = json.loads((wd / "config.json").read_text()).get("objective", "transport")
+  if saved != config.get("objective", "transport"):
+    raise ConfigError(f"{wd} holds checkpoints trained with objective={saved!r} but the config says "
+                      f"objective={config.objective!r}: pass --config.objective={saved} to resume "
+                      f"it, or use another workdir")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -607,7 +773,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   check_workdir(workdir)
   model = get_model(config)
-  transport = get_transport(config)
+  transport = get_objective(config, model)  # a Transport or a GaussianDiffusion
   mesh = sharding_lib.make_mesh(config.mesh_shape, tuple(config.mesh_axes))
   sharding_lib.check_batch_size(config.global_batch_size, mesh, config.grad_accum_steps, pcount)
   pipeline = data_lib.make_pipeline(config.data, seed=config.seed,
@@ -618,6 +784,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, schedule = make_optimizer(config)
 
   wd = epath.Path(workdir)
+  _check_resumed_objective(wd, config)
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints,
                                async_save=config.async_checkpointing)
   base = jax.random.key(config.seed)
@@ -629,7 +796,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if meta is not None and int(meta.get("data_position", start)) != start:
       logging.warning("checkpoint data_position %s != step %d; following the step",
                       meta.get("data_position"), start)
-    loss_fn = transport_lib.make_loss_fn(model, transport)
+    loss_fn = make_loss_fn(config, model, transport)
     step_fn = make_train_step(loss_fn, tx, schedule, mesh, shardings,
                               grad_accum_steps=config.grad_accum_steps,
                               ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
@@ -837,7 +1004,8 @@ def _gflops(model) -> float:
 
 
 __all__ = [
-    "TrainState", "default_config", "get_model", "get_transport", "make_optimizer",
+    "TrainState", "default_config", "get_model", "get_transport", "get_diffusion",
+    "get_objective", "make_optimizer",
     "create_train_state", "make_train_step", "train_and_evaluate", "resize_mediator_params",
     "maybe_initialize_distributed", "state_shardings", "ConfigError",
 ]

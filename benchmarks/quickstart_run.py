@@ -2,15 +2,23 @@
 500 samples that the offline digit classifier assigns to their label.
 
     python benchmarks/quickstart_run.py [--json benchmarks/results/quickstart_cpu.json] \
-        [--workdir /tmp/qs_measure] [--samples 500] [--set optim.learning_rate=...]
+        [--workdir /tmp/qs_measure] [--samples 500] [--set optim.learning_rate=...] \
+        [--also method=Euler,cfg_scale=3 ...] [--idle_probe PROBE.json]
 
 Runs exactly what `bash launch/quickstart.sh` trains (`edit_jax.train.train_and_evaluate` with
 configs/quickstart.py, in a fresh workdir, compilation and checkpointing included) but with the
 in-training sample grid switched off so that the timed part is training only. Then, from the final
 EMA weights and with the config's own sampler (method, steps, CFG scale), it draws `--samples`
 digits (equal counts of 0..9, fixed noise) and scores them with `edit_jax.eval.digits`.
+`--also` scores further sampler settings (sample.* fields, comma-separated) on the same weights,
+noise and labels, for choosing the sampler without retraining.
 Records the machine, the load average before and after (the CPU may be shared), wall and process
 CPU seconds, the step reached, the final loss and the accuracy (overall and per class).
+Process CPU seconds bound the training wall time on an idle machine from above (training is
+CPU-bound: on an idle machine its wall time is its CPU time divided by the cores it keeps busy).
+`--idle_probe` takes a `benchmarks/train_throughput.py` JSON of the same config measured with the
+machine to itself (`chrt -f 1`, see there) and records the idle estimate
+train CPU seconds / (probe's process CPU per step / probe's wall per step).
 """
 from __future__ import annotations
 
@@ -35,6 +43,10 @@ def main(argv=None):
   ap.add_argument("--samples", type=int, default=500)
   ap.add_argument("--set", action="append", default=[], dest="sets",
                   help="config override field=value (for recipe studies; none for the record)")
+  ap.add_argument("--also", action="append", default=[],
+                  help="extra sampler setting to score, e.g. method=Euler,num_steps=30,cfg_scale=3")
+  ap.add_argument("--idle_probe", default="",
+                  help="train_throughput.py JSON measured on the otherwise idle machine")
   ap.add_argument("--json", default="", help="write the record here")
   args = ap.parse_args(argv)
 
@@ -46,6 +58,10 @@ def main(argv=None):
   from edit_jax.eval import digits  # noqa: PLC0415
 
   config = apply_sets(load_config("configs/quickstart.py"), args.sets)
+  probe = json.loads(pathlib.Path(args.idle_probe).read_text()) if args.idle_probe else None
+  if probe and probe["global_batch"] != int(config.global_batch_size):
+    sys.exit(f"--idle_probe {args.idle_probe} measured batch {probe['global_batch']}, the run "
+             f"trains batch {config.global_batch_size}: measure the probe with the same config")
   sample_cfg = config.sample.to_dict()
   with config.unlocked():
     config.sample.every = 0          # time training only; the samples are drawn below
@@ -67,18 +83,32 @@ def main(argv=None):
                                        sharding.rules_from_config(config), config.fsdp_min_size)
   sampler = train.make_sampler(config, model, train.get_transport(config), mesh,
                                shardings.ema_params)
+  def draw(sampler):
+    s0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+      x = np.clip(np.asarray(jax.device_get(sampler(result["state"].ema_params, x0, labels, key))),
+                  -1, 1)
+    return x, time.perf_counter() - s0
+
   labels = np.resize(np.repeat(np.arange(10), max(args.samples // 10, 1)),
                      args.samples).astype(np.int32)
   key = jax.random.key(config.sample.seed)
   x0 = np.asarray(jax.random.normal(key, (args.samples, config.data.image_size,
                                           config.data.image_size, config.data.channels)))
-  s0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    x = np.clip(np.asarray(jax.device_get(sampler(result["state"].ema_params, x0, labels, key))),
-                -1, 1)
-  sample_wall = time.perf_counter() - s0
+  x, sample_wall = draw(sampler)
   acc = digits.conditional_accuracy(x, labels)
   per = digits.per_class_accuracy(x, labels)
+  also = []
+  for spec in args.also:
+    c2 = apply_sets(load_config("configs/quickstart.py"), args.sets)
+    apply_sets(c2, [f"sample.{kv}" for kv in spec.split(",") if kv])
+    s2 = train.make_sampler(c2, model, train.get_transport(c2), mesh, shardings.ema_params)
+    x2, wall2 = draw(s2)
+    also.append({"sampler": {k: c2.sample[k] for k in ("method", "num_steps", "cfg_scale",
+                                                         "guide_channels")},
+                 "accuracy": digits.conditional_accuracy(x2, labels),
+                 "sample_wall_s": round(wall2, 1)})
+    print("also", json.dumps(also[-1]), flush=True)
   record = {
       "command": " ".join(["python benchmarks/quickstart_run.py"] + list(argv or sys.argv[1:])),
       "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
@@ -86,6 +116,7 @@ def main(argv=None):
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
       "config": "configs/quickstart.py", "overrides": args.sets,
       "step": result["step"], "num_train_steps": int(config.num_train_steps),
+      "global_batch_size": int(config.global_batch_size),
       "final_loss": result["loss"],
       "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1),
       "train_minutes": round(train_wall / 60, 2),
@@ -95,7 +126,16 @@ def main(argv=None):
       "num_samples": int(args.samples), "accuracy": acc,
       "per_class_accuracy": {str(k): round(v, 3) for k, v in per.items()},
       "sample_wall_s": round(sample_wall, 1),
+      "other_samplers": also,
   }
+  if probe:
+    par = probe["step_cpu_ms"] / probe["step_ms"]
+    record["idle_estimate"] = {
+        "probe": args.idle_probe, "probe_command": probe.get("command", ""),
+        "probe_scheduling": probe.get("scheduling", ""),
+        "probe_global_batch": probe["global_batch"], "probe_step_ms": round(probe["step_ms"], 1),
+        "probe_step_cpu_ms": round(probe["step_cpu_ms"], 1), "parallelism": round(par, 2),
+        "train_wall_s": round(train_cpu / par, 1), "train_minutes": round(train_cpu / par / 60, 2)}
   print(json.dumps(record, indent=2))
   if args.json:
     out = pathlib.Path(args.json)

@@ -10,7 +10,9 @@ step alone). FLOPs: ``edit_jax.metrics`` (2 x 3 x forward multiply-adds per imag
 edit_jax.flops). MFU is against a MEASURED peak: the best TFLOP/s of a large square matmul
 (``--peak_n``, default 8192 on accelerators, 2048 on CPU) jitted on the same device in the
 model's compute dtype (``measure_peak_tflops``), unless ``--peak_tflops`` is given. Prints a table
-and writes JSON.
+and writes JSON (with the load average and the scheduling policy).
+An idle-machine figure on a shared Linux machine: run it under `chrt -f 1` (root; real-time
+priority, the other jobs keep the 5% of each core that the kernel reserves for them; keep it short).
 """
 from __future__ import annotations
 
@@ -120,12 +122,25 @@ def run(args) -> dict:
       "variant": args.variant, **tp,
       "train_gflops_per_image": flops_img / 1e9, "peak_tflops_per_device": peak, **peak_info,
       "estimated_peak_tflops": metrics_lib.peak_tflops_per_device(),
-      "load_average": os.getloadavg(),
+      "load_average": os.getloadavg(), "scheduling": scheduling_policy(),
       "devices": jax.device_count(), "device_kind": getattr(dev, "device_kind", dev.platform),
       "platform": dev.platform, "host": platform.node(), "cpu_count": os.cpu_count(),
       "dtype": str(config.model.dtype), "jax": jax.__version__,
       "loss_last": float(m.compute()["loss"]),
   }
+
+
+def scheduling_policy() -> str:
+  """The process's Linux scheduling policy: SCHED_FIFO/SCHED_RR when the measurement was run
+  under `chrt` (real-time priority: the machine's other jobs get the 5% of each core that the
+  kernel reserves for them, so a shared machine measures as if idle); SCHED_OTHER otherwise."""
+  try:
+    pol = os.sched_getscheduler(0)
+  except (AttributeError, OSError):
+    return "unknown"
+  names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_FIFO", "SCHED_RR", "SCHED_BATCH",
+                                        "SCHED_IDLE") if hasattr(os, n)}
+  return names.get(pol, str(pol))
 
 
 def main(argv=None):
@@ -145,6 +160,8 @@ def main(argv=None):
   ap.add_argument("--json", default="", help="write the result here too")
   args = ap.parse_args(argv)
   r = run(args)
+  r["command"] = " ".join(["python benchmarks/train_throughput.py"]
+                          + list(sys.argv[1:] if argv is None else argv))
   rows = [("config", r["config"]), ("device", f"{r['devices']} x {r['device_kind']}"),
           ("global batch", r["global_batch"]), ("step time", f"{r['step_ms']:.1f} ms (process CPU {r['step_cpu_ms']:.1f} ms)"),
           ("images/s", f"{r['images_per_sec']:.1f}"),

@@ -57,6 +57,9 @@ except (OSError, ValueError):
 acc = s.get("digit_accuracy")
 score = (f"{100 * acc:.1f}% of the {s['num_samples']} sampled digits are classified as their label"
          if acc is not None else "no digit score")
-print(f"== done in {secs // 60}m{secs % 60:02d}s: step {s['step']} of {s.get('num_train_steps', '?')}, "
-      f"{score}; samples in {s['png']} (rows: digits 0..9)")
+total = s.get("num_train_steps")
+more = (f" (stopped before the {total} steps of the config: run the same command again to continue)"
+        if total and s["step"] < total else "")
+print(f"== done in {secs // 60}m{secs % 60:02d}s: step {s['step']} of {total or '?'}, "
+      f"{score}; samples in {s['png']} (rows: digits 0..9){more}")
 PY

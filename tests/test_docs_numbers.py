@@ -93,3 +93,60 @@ def test_dynamic_schedule_block_matches_json():
   assert block == dynamic_schedule.markdown(payload)
   bench = _doc("benchmarks.md")
   assert payload["info"]["command"] in bench and "benchmarks/results/dynamic_schedule.json" in bench
+
+
+def _quickstart_config():
+  sys.path.insert(0, str(ROOT / "configs"))
+  import quickstart  # noqa: PLC0415
+  return quickstart
+
+
+def test_quickstart_figures_match_json_and_config():
+  """docs/training.md's quickstart table, the config's docstring and docs/results.md's mention of
+  the quickstart's step budget are the committed measurement (benchmarks/quickstart_run.py) of
+  the recipe configs/quickstart.py holds now."""
+  r = _json("quickstart_cpu.json")
+  qs = _quickstart_config()
+  c = qs.get_config()
+  assert r["overrides"] == [] and r["config"] == "configs/quickstart.py"
+  assert r["step"] == r["num_train_steps"] == c.num_train_steps  # the whole budget was trained
+  assert c.max_train_seconds == 0  # the step budget is the contract, not the clock
+  for k in ("method", "num_steps", "cfg_scale", "guide_channels"):
+    assert r["sampler"][k] == c.sample[k], k
+  assert r["global_batch_size"] == c.global_batch_size
+  idle = r["idle_estimate"]
+  probe = _json(pathlib.Path(idle["probe"]).name)
+  assert probe["global_batch"] == c.global_batch_size and probe["scheduling"] == "SCHED_FIFO"
+  assert idle["probe_step_ms"] == round(probe["step_ms"], 1)
+  acc = f"{100 * r['accuracy']:.1f}%"
+  rows = {row[""]: row["measured"] for row in _table_after(_doc("training.md"), "## Quickstart")}
+  want = {
+      "training": (f"{c.num_train_steps:,} steps at batch {c.global_batch_size}",
+                   f"{r['train_cpu_s']:.0f} s process CPU", f"{r['train_wall_s']:.0f} s wall",
+                   f"load average {r['loadavg_before'][0]:.0f}-{r['loadavg_after'][0]:.0f}"),
+      "idle 2-core estimate": (f"{idle['train_minutes']:.1f} min", f"{idle['parallelism']:.2f}",
+                               f"{idle['probe_step_ms']:.0f} ms", f"{idle['probe_step_cpu_ms']:.0f} ms"),
+      "final loss": (f"{r['final_loss']:.4f}",),
+      "digit accuracy": (acc, f"{r['num_samples']} samples",
+                         "weakest classes " + " and ".join(
+                             f"{k} ({100 * v:.0f}%)" for k, v in sorted(
+                                 r["per_class_accuracy"].items(), key=lambda kv: kv[1])[:2])),
+  }
+  for key, figures in want.items():
+    for f in figures:
+      assert f in rows[key], (key, f, rows[key])
+  doc = qs.__doc__.replace("\n", " ")
+  assert f"{c.num_train_steps:,} steps" in doc and f"{100 * r['accuracy']:.0f}%" in doc
+  assert f"~{idle['train_minutes']:.1f} minutes" in doc
+  # the sampler comparison behind the config's sampler: same recipe and step budget
+  cmp = _json("quickstart_cpu_samplers.json")
+  assert (cmp["num_train_steps"], cmp["step"]) == (c.num_train_steps, c.num_train_steps)
+  tried = [(cmp["sampler"], cmp["accuracy"])] + [(a["sampler"], a["accuracy"])
+                                                 for a in cmp["other_samplers"]]
+  text = _doc("training.md").replace("\n", " ")
+  for sm, a in tried:
+    name = "Euler SDE" if sm["method"] == "Euler" else "Heun ODE"
+    assert f"{name} {sm['num_steps']} / CFG {sm['cfg_scale']:g}: {100 * a:.1f}%" in text, sm
+  assert any(sm == r["sampler"] and a == r["accuracy"] for sm, a in tried)  # same weights
+  # docs/results.md (rendered from report JSON) names the quickstart's step budget
+  assert _json("report_quality.json")["train_config"]["quickstart_steps"] == c.num_train_steps

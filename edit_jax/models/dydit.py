@@ -425,38 +425,41 @@ def flops_loss(ratio, target, weight: float = 2.0):
 
 
 # --------------------------------------------------------------------------- parameter surgery
-def _unit_channels(idx, unit_width: int):
-  """Indices of the channels of units idx (k,) of width w: (k * w,), unit-major."""
-  idx = jnp.asarray(idx, jnp.int32)
-  return (idx[:, None] * unit_width + jnp.arange(unit_width, dtype=jnp.int32)[None]).reshape(-1)
+def _take_units(a, idx, axis: int, units: int):
+  """Units idx (k,) of `a` along `axis`, where that axis holds `units` contiguous equal blocks
+  (e.g. heads of hd channels): a reshape, one gather of whole blocks, a reshape back."""
+  shape = a.shape
+  blocked = a.reshape(shape[:axis] + (units, shape[axis] // units) + shape[axis + 1:])
+  out = jnp.take(blocked, jnp.asarray(idx, jnp.int32), axis=axis)
+  return out.reshape(shape[:axis] + (-1,) + shape[axis + 1:])
 
 
 def _slice_attention(p, idx, num_heads: int, dim: int):
   """Attention params (full or mediator) restricted to heads idx (k,), in that order."""
-  hd = dim // num_heads
-  idx = jnp.asarray(idx, jnp.int32)
-  ch = _unit_channels(idx, hd)
-  qkv_cols = jnp.concatenate([ch + s * dim for s in range(3)])
+  h = num_heads
+  qkv_k = p["qkv"]["kernel"]                        # (D, 3D): [q | k | v], head-major inside
+  qkv_k = _take_units(qkv_k.reshape(qkv_k.shape[0], 3, dim), idx, 2, h)
+  qkv_b = _take_units(p["qkv"]["bias"].reshape(3, dim), idx, 1, h)
   out = {
-      "qkv": {"kernel": jnp.take(p["qkv"]["kernel"], qkv_cols, axis=1),
-              "bias": jnp.take(p["qkv"]["bias"], qkv_cols, axis=0)},
-      "proj": {"kernel": jnp.take(p["proj"]["kernel"], ch, axis=0), "bias": p["proj"]["bias"]},
+      "qkv": {"kernel": qkv_k.reshape(qkv_k.shape[0], -1), "bias": qkv_b.reshape(-1)},
+      "proj": {"kernel": _take_units(p["proj"]["kernel"], idx, 0, h), "bias": p["proj"]["bias"]},
   }
   if "dwc" in p:
-    out["dwc"] = {"kernel": jnp.take(p["dwc"]["kernel"], ch, axis=3),
-                  "bias": jnp.take(p["dwc"]["bias"], ch, axis=0)}
+    out["dwc"] = {"kernel": _take_units(p["dwc"]["kernel"], idx, 3, h),
+                  "bias": _take_units(p["dwc"]["bias"], idx, 0, h)}
+    ix = jnp.asarray(idx, jnp.int32)
     for name in ("an_bias", "na_bias"):
-      out[name] = jnp.take(p[name], idx, axis=0)
+      out[name] = jnp.take(p[name], ix, axis=0)
     for name in ("ah_bias", "aw_bias", "ha_bias", "wa_bias"):
-      out[name] = jnp.take(p[name], idx, axis=1)
+      out[name] = jnp.take(p[name], ix, axis=1)
   return out
 
 
-def _slice_mlp(p, idx, group_size: int):
-  ch = _unit_channels(idx, group_size)
-  return {"fc1": {"kernel": jnp.take(p["fc1"]["kernel"], ch, axis=1),
-                  "bias": jnp.take(p["fc1"]["bias"], ch, axis=0)},
-          "fc2": {"kernel": jnp.take(p["fc2"]["kernel"], ch, axis=0), "bias": p["fc2"]["bias"]}}
+def _slice_mlp(p, idx, groups: int):
+  return {"fc1": {"kernel": _take_units(p["fc1"]["kernel"], idx, 1, groups),
+                  "bias": _take_units(p["fc1"]["bias"], idx, 0, groups)},
+          "fc2": {"kernel": _take_units(p["fc2"]["kernel"], idx, 0, groups),
+                  "bias": p["fc2"]["bias"]}}
 
 
 def slice_variables(model: DyDiT, variables, head_idx: Sequence, group_idx: Sequence,
@@ -475,7 +478,7 @@ def slice_variables(model: DyDiT, variables, head_idx: Sequence, group_idx: Sequ
     blk = dict(params[name])
     blk["attn"] = _slice_attention(params[name]["attn"], head_idx[i], model.num_heads,
                                    model.hidden_size)
-    blk["mlp"] = _slice_mlp(params[name]["mlp"], group_idx[i], model.group_size)
+    blk["mlp"] = _slice_mlp(params[name]["mlp"], group_idx[i], model.num_heads)
     if not keep_routers:
       blk.pop("attn_rate", None)
       blk.pop("mlp_rate", None)

@@ -164,16 +164,22 @@ def dydit_loss_config(config):
     raise ConfigError(f"config.dydit: {e}") from e
 
 
-def make_loss(config, model, transport):
-  """(loss_fn, takes_step, extra metric names) for the configured model family."""
+def make_loss(config, model, objective):
+  """(loss_fn, takes_step, extra metric names) for the configured model family and objective
+  (a SiT `Transport`, or DiT's `gaussian.GaussianDiffusion`)."""
+  gaussian = not isinstance(objective, transport_lib.Transport)
   if isinstance(model, models.DyDiT):
     from edit_jax.diffusion import dydit as dydit_diffusion  # noqa: PLC0415
     if not model.width_routing and not model.token_routing:
       raise ConfigError("config.dydit: width_routing and token_routing are both off: nothing to "
                         "fine-tune; use model.arch='sit'")
-    fn = dydit_diffusion.make_transport_loss_fn(model, transport, dydit_loss_config(config))
-    return fn, True, dydit_diffusion.LOG_KEYS
-  return transport_lib.make_loss_fn(model, transport), False, ()
+    make = (dydit_diffusion.make_gaussian_loss_fn if gaussian
+            else dydit_diffusion.make_transport_loss_fn)
+    return make(model, objective, dydit_loss_config(config)), True, dydit_diffusion.LOG_KEYS
+  if gaussian:
+    from edit_jax.diffusion import gaussian as gaussian_lib  # noqa: PLC0415
+    return gaussian_lib.make_loss_fn(model, objective), False, ()
+  return transport_lib.make_loss_fn(model, objective), False, ()
 
 
 def get_transport(config) -> transport_lib.Transport:

@@ -7,7 +7,7 @@ import pytest
 
 from edit_jax import models
 from edit_jax.diffusion import dydit as ddy
-from edit_jax.diffusion import samplers, transport as tr
+from edit_jax.diffusion import gaussian, samplers, transport as tr
 from edit_jax.models import dydit
 from test_dydit import noisy
 
@@ -15,19 +15,19 @@ B = 3
 T = tr.create_transport()
 
 
-def make_model(mediator_num=0, depth=2, seed=0):
+def make_model(mediator_num=0, depth=2, seed=0, learn_sigma=False, t_max=1.0):
   """A tiny DyDiT whose routers vary with t on [0, 1] (mixed head / group / token masks): a noisy
   timestep MLP, router biases centred on the grid's mean logit, token router bias -0.3."""
   m = models.build_model(None, arch="dydit", input_size=8, patch_size=2, in_channels=3,
                          hidden_size=32, depth=depth, num_heads=4, num_classes=5,
-                         learn_sigma=False, mediator_num=mediator_num, token_router_ratio=8)
+                         learn_sigma=learn_sigma, mediator_num=mediator_num, token_router_ratio=8)
   p = models.init_params(m, jax.random.key(seed))
 
   def perturb(path, a):
     name = jax.tree_util.keystr(path)
     k = jax.random.key(abs(hash(name)) % 10007 + seed)
     if "t_embedder" in name:
-      return a + 0.5 * jax.random.normal(k, a.shape)
+      return a + 0.5 * jax.random.normal(k, a.shape) / (t_max if "mlp_0" in name else 1.0)
     if "router" in name:
       return 3.0 * a if "kernel" in name else 0.0 * a
     if "mlp_head_2" in name and "bias" in name:
@@ -37,7 +37,7 @@ def make_model(mediator_num=0, depth=2, seed=0):
     return a
 
   p = jax.tree_util.tree_map_with_path(perturb, p)
-  _, _, la, lm = m.apply({"params": p}, jnp.linspace(0, 1, 64), method=dydit.DyDiT.route)
+  _, _, la, lm = m.apply({"params": p}, jnp.linspace(0, t_max, 64), method=dydit.DyDiT.route)
   for i in range(depth):
     for r, lg in (("attn_rate", la), ("mlp_rate", lm)):
       centre = np.asarray(lg[:, i]).mean(0)
@@ -117,26 +117,35 @@ def test_no_compilation_inside_the_sampling_loop(euler_cfg):
 
 
 CASES = [  # (mediator layers in the sampler: test_dydit.py slices them, incl. the cached biases)
-    ("ode-heun", 0, samplers.ODEConfig(method="heun2", num_steps=4), {}),
-    ("sde-euler-cfg", 0, samplers.SDEConfig(method="Euler", num_steps=5),
+    ("ode-heun", False, samplers.ODEConfig(method="heun2", num_steps=4), {}),
+    ("sde-euler-cfg", False, samplers.SDEConfig(method="Euler", num_steps=5),
      dict(cfg_scale=3.0, guide_channels=None)),
+    ("ddpm-learned-sigma-cfg", True, gaussian.GaussianSamplerConfig("ddpm", num_steps=5),
+     dict(cfg_scale=2.0)),
+    ("ddim", False, gaussian.GaussianSamplerConfig("ddim", respacing="ddim4"), {}),
 ]
 
 
-@pytest.mark.parametrize("name,med,cfg,kw", CASES, ids=[c[0] for c in CASES])
-def test_sparse_equals_dense_other_samplers(name, med, cfg, kw):
-  m, p = make_model(med)
+@pytest.mark.parametrize("name,sigma,cfg,kw", CASES, ids=[c[0] for c in CASES])
+def test_sparse_equals_dense_other_samplers(name, sigma, cfg, kw):
+  g = cfg.kind == "gaussian"
+  m, p = make_model(learn_sigma=sigma, t_max=1000.0 if g else 1.0)
   x0, y = inputs(m)
-  rng = jax.random.key(7) if cfg.kind == "sde" else None
-  sp = ddy.SparseSampler(m, p, T, cfg, batch_size=B, **kw)
+  rng = jax.random.key(7) if cfg.kind == "sde" or cfg.method == "ddpm" else None
+  obj = gaussian.create_diffusion("", learn_sigma=sigma) if g else T
+  sp = ddy.SparseSampler(m, p, obj, cfg, batch_size=B, **kw)
   assert sp.plan.logit_margin > 1e-5 and len(sp.plan.runs) >= 2
   if cfg.method == "heun2":  # the two evaluations of a step have different widths somewhere
     assert any(not np.array_equal(h[0], h[1]) for h in sp.plan.head)
   r = sp.sample(x0, y, rng)
-  np.testing.assert_allclose(np.asarray(r.x), dense(m, p, cfg, x0, y, rng, **kw), atol=2e-5,
+  if g:
+    want = np.asarray(jax.jit(gaussian.make_sample_fn(m, obj, cfg, **kw))(p, x0, y, rng).x)
+  else:
+    want = dense(m, p, cfg, x0, y, rng, **kw)
+  np.testing.assert_allclose(np.asarray(r.x), want, atol=2e-5 * max(1.0, np.abs(want).max()),
                              rtol=0)
-  if cfg.kind == "sde":
-    assert sp.plan.runs[-1].kind == "last"
+  if rng is not None:
+    assert g or sp.plan.runs[-1].kind == "last"
     with pytest.raises(ValueError, match="needs rng"):
       sp.sample(x0, y)
 

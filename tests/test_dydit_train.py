@@ -10,7 +10,7 @@ import pytest
 
 from edit_jax import checkpoint, convert, models, train
 from edit_jax.diffusion import dydit as ddy
-from edit_jax.diffusion import transport as tr
+from edit_jax.diffusion import gaussian, transport as tr
 from edit_jax.models import dydit
 from test_dydit import noisy
 
@@ -33,6 +33,45 @@ def test_stratified_t_bins():
   assert abs(t[bins == 2].mean() - 0.625) < 0.01
   u = np.asarray(ddy.stratified_t(jax.random.key(0), 4000, 0.1, 0.9, 1))
   assert 0.1 <= u.min() and u.max() <= 0.9 and abs(u.mean() - 0.5) < 0.02
+
+
+def test_stratified_chain_t_bins():
+  t = np.asarray(ddy.stratified_chain_t(jax.random.key(0), 4000, 1000, 4))
+  assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+  np.testing.assert_array_equal(t // 250, np.arange(4000) % 4)
+  assert len(np.unique(t[::4])) > 200  # spread over the bin
+
+
+def test_gaussian_loss_is_dits_loss_of_the_same_draws():
+  """All gates on, lambda = 1: the DyDiT loss on the Gaussian objective equals DiT's training loss
+  ("loss" = mse + vb, learned sigma) of the base model at the same t, noise and dropped labels."""
+  base = models.build_model(None, input_size=8, patch_size=2, in_channels=1, hidden_size=32,
+                            depth=2, num_heads=4, num_classes=4, learn_sigma=True)
+  bp = noisy(models.init_params(base, jax.random.key(0)), 0.05)
+  m = dydit.from_sit(base)
+  p = dydit.init_from_base(m, bp, jax.random.key(2))
+  diff = gaussian.create_diffusion("", learn_sigma=True)
+  x = jax.random.normal(jax.random.key(3), (8, 8, 8, 1))
+  y = jnp.arange(8) % 4
+  rng = jax.random.key(4)
+  f = ddy.make_gaussian_loss_fn(m, diff, ddy.LossConfig(target_ratio=1.0, complete_model_steps=5))
+  loss, aux = jax.jit(lambda q: f(q, x, y, rng, 2))(p)
+
+  def reference(q):
+    k_t, k_noise, k_drop, _ = jax.random.split(rng, 4)
+    t = ddy.stratified_chain_t(k_t, 8, 1000, 4)
+    noise = jax.random.normal(k_noise, x.shape)
+    xt = diff.q_sample(x, t, noise)
+    out = base.apply({"params": q}, xt, diff.model_timesteps(t), y, train=True, full_output=True,
+                     rngs={"label_dropout": k_drop})
+    return diff.training_losses_from_output(out, x, xt, t, noise)["loss"].mean(), t
+
+  want, t = jax.jit(reference)(bp)
+  np.testing.assert_array_equal(np.asarray(aux["t"]), np.asarray(t))
+  assert float(aux["log"]["flops_loss"]) == 0.0
+  assert float(aux["log"]["diffusion_loss"]) == pytest.approx(float(want), rel=1e-5)
+  assert float(aux["log"]["complete_loss"]) == pytest.approx(float(want), rel=1e-5)
+  assert float(loss) == pytest.approx(2 * float(want), rel=1e-5)
 
 
 def tiny():

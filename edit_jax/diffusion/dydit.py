@@ -1,17 +1,21 @@
-"""DyDiT fine-tuning loss and sparse sampling that realizes the savings.
+"""DyDiT fine-tuning loss and sparse sampling that realizes the savings, for both objectives.
 
 The model is `edit_jax.models.dydit.DyDiT` (routers, gates, FLOPs ratio, weight slicing).
 
-Fine-tuning loss (`make_transport_loss_fn`; spec edt_dydit.md 2.3-2.4, the official `train.py`):
+Fine-tuning loss (`make_transport_loss_fn` for SiT's transport, `make_gaussian_loss_fn` for DiT's
+Gaussian diffusion as published; spec edt_dydit.md 2.3-2.4, the official `train.py`):
   L = L_diffusion(dynamic forward, Gumbel gates) + [L_diffusion(complete model), first
       `complete_model_steps` steps] + w (mean_b ratio_b - target(step))^2
   target(step) = 1 for step < hold (100), then 1 - (1 - lambda) step / W until step W
   (`target_warmup_steps`), then lambda (official formula). t is stratified: sample b draws t from
-  bin (b mod 4) of [t0, t1] (4 equal bins; `t_bins`). The complete forward uses the same x_t, t and
-  dropped labels. Needs the rng streams "label_dropout" and "gumbel" (split from the step rng).
+  bin (b mod 4) of [t0, t1] (transport) or of the chain {0 .. T-1} (Gaussian: the official
+  randint(0, 250) + 250 (b mod 4)); `t_bins`. L_diffusion is the transport's velocity loss or the
+  Gaussian "loss" term (mse + vb with a learned variance, as DiT). The complete forward uses the
+  same x_t, t and dropped labels. Needs the rng streams "label_dropout" and "gumbel".
 
 Sparse sampling (`SparseSampler`; spec 4.4-4.5, 4.7): for a fixed-step sampler (ODE euler / heun2,
-SDE Euler / Heun) the evaluation times are known, and the width gates depend on t only:
+SDE Euler / Heun on a transport; DDPM / DDIM on a Gaussian diffusion, e.g. the published 250-step
+DDPM) the evaluation times are known, and the width gates depend on t only:
   1. masks[step, eval, layer, unit] are computed once (`DyDiT.route` on the evaluation times);
   2. each step's *signature* is, per evaluation and layer, (active heads, active groups, token
      capacity), the counts bucketed upward to a multiple of `bucket` (padding units get gate 0);
@@ -87,6 +91,32 @@ def stratified_t(rng, batch: int, t0: float, t1: float, bins: int = 4):
   return t0 + (t1 - t0) * (b + u) / bins
 
 
+def _dydit_loss(model, cfg: LossConfig, params, x_in, t_model, y, step, k_drop, k_gumbel,
+                per_sample, full_output: bool):
+  """The objective-independent part: dynamic forward -> per-sample loss (per_sample(out)), the
+  complete-model phase (same x_t, t, dropped labels; `lax.cond` on the step) and the FLOPs loss.
+  Returns (loss, per-sample loss (B,), flops ratio (B,), log dict)."""
+  out, gates = dydit_lib.forward_with_gates(
+      model, {"params": params}, x_in, t_model, y, train=True, full_output=full_output,
+      rngs={"label_dropout": k_drop, "gumbel": k_gumbel})
+  per = per_sample(out.astype(jnp.float32))
+  diffusion = per.mean()
+  ratio = dydit_lib.flops_ratio(model, gates)
+  target = flops_target(step, cfg)
+  lf = dydit_lib.flops_loss(ratio, target, cfg.flops_weight)
+  complete = jnp.float32(0.0)
+  if cfg.complete_model_steps > 0:
+    def complete_loss(_):
+      oc = model.apply({"params": params}, x_in, t_model, y, train=True, complete_model=True,
+                       full_output=full_output, rngs={"label_dropout": k_drop})
+      return per_sample(oc.astype(jnp.float32)).mean()
+    complete = jax.lax.cond(jnp.asarray(step) < cfg.complete_model_steps, complete_loss,
+                            lambda _: jnp.float32(0.0), None)
+  log = {"diffusion_loss": diffusion, "complete_loss": complete, "flops_loss": lf,
+         "flops_ratio": ratio.mean(), "flops_target": target}
+  return diffusion + complete + lf, per, ratio, log
+
+
 def make_transport_loss_fn(model: dydit_lib.DyDiT, transport: Transport, cfg: LossConfig):
   """`loss_fn(params, x1, y, rng, step) -> (loss, aux)` for the SiT transport objective.
 
@@ -104,25 +134,43 @@ def make_transport_loss_fn(model: dydit_lib.DyDiT, transport: Transport, cfg: Lo
     t = stratified_t(k_t, x1.shape[0], t0, t1, cfg.t_bins)
     x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
     xt, _ = transport.path.plan(_expand(t, x1), x0, x1)
-    out, gates = dydit_lib.forward_with_gates(
-        model, {"params": params}, xt, t, y, train=True,
-        rngs={"label_dropout": k_drop, "gumbel": k_gumbel})
-    per = transport.per_sample_loss(out.astype(jnp.float32), x0, x1, t)
-    diffusion = per.mean()
-    ratio = dydit_lib.flops_ratio(model, gates)
-    target = flops_target(step, cfg)
-    lf = dydit_lib.flops_loss(ratio, target, cfg.flops_weight)
-    complete = jnp.float32(0.0)
-    if cfg.complete_model_steps > 0:
-      def complete_loss(_):
-        oc = model.apply({"params": params}, xt, t, y, train=True, complete_model=True,
-                         rngs={"label_dropout": k_drop})
-        return transport.per_sample_loss(oc.astype(jnp.float32), x0, x1, t).mean()
-      complete = jax.lax.cond(jnp.asarray(step) < cfg.complete_model_steps, complete_loss,
-                              lambda _: jnp.float32(0.0), None)
-    loss = diffusion + complete + lf
-    log = {"diffusion_loss": diffusion, "complete_loss": complete, "flops_loss": lf,
-           "flops_ratio": ratio.mean(), "flops_target": target}
+    loss, per, ratio, log = _dydit_loss(
+        model, cfg, params, xt, t, y, step, k_drop, k_gumbel,
+        lambda out: transport.per_sample_loss(out, x0, x1, t), full_output=False)
+    return loss, {"loss_per_sample": per, "t": t, "flops_ratio": ratio, "log": log}
+
+  return loss_fn
+
+
+def stratified_chain_t(rng, batch: int, num_timesteps: int, bins: int = 4):
+  """(B,) int32 chain indices: sample b uniform over bin (b mod bins) of {0 .. T-1} (official:
+  randint(0, 250) + [0, 250, 500, 750][b mod 4] for T = 1000); bins <= 1: uniform."""
+  if bins <= 1:
+    return jax.random.randint(rng, (batch,), 0, num_timesteps, dtype=jnp.int32)
+  b = jnp.arange(batch) % bins
+  lo = (b * num_timesteps) // bins
+  hi = ((b + 1) * num_timesteps) // bins
+  u = jax.random.uniform(rng, (batch,), jnp.float32)
+  return jnp.minimum(lo + jnp.floor(u * (hi - lo)).astype(jnp.int32), hi - 1).astype(jnp.int32)
+
+
+def make_gaussian_loss_fn(model: dydit_lib.DyDiT, diffusion, cfg: LossConfig):
+  """`loss_fn(params, x0, y, rng, step) -> (loss, aux)` for DiT's Gaussian diffusion (DyDiT as
+  published): the diffusion's training loss ("loss" = mse + vb with a learned variance) of the
+  dynamic forward, plus the complete model's in the complete-model phase, plus the FLOPs loss;
+  t stratified over the chain in `t_bins` bins. Same aux as `make_transport_loss_fn`."""
+  cfg = cfg.validate()
+
+  def loss_fn(params, x0, y, rng, step):
+    k_t, k_noise, k_drop, k_gumbel = jax.random.split(rng, 4)
+    x0 = jnp.asarray(x0, jnp.float32)
+    t = stratified_chain_t(k_t, x0.shape[0], diffusion.num_timesteps, cfg.t_bins)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    x_t = diffusion.q_sample(x0, t, noise)
+    loss, per, ratio, log = _dydit_loss(
+        model, cfg, params, x_t, diffusion.model_timesteps(t), y, step, k_drop, k_gumbel,
+        lambda out: diffusion.training_losses_from_output(out, x0, x_t, t, noise)["loss"],
+        full_output=True)
     return loss, {"loss_per_sample": per, "t": t, "flops_ratio": ratio, "log": log}
 
   return loss_fn
@@ -186,11 +234,14 @@ class SparseResult:
 
 
 class SparseSampler:
-  """Sparse DyDiT sampling on a fixed-step SiT sampler. Construct once, call `sample` many times.
+  """Sparse DyDiT sampling on a fixed-step sampler. Construct once, call `sample` many times.
 
   Args:
     model, params: a dense `DyDiT` and its parameters (width routing on).
-    transport, sampler: a fixed-step `samplers.ODEConfig` (euler / heun2) or `SDEConfig`.
+    objective, sampler: a SiT `Transport` with a fixed-step `samplers.ODEConfig` (euler / heun2)
+      or `SDEConfig`; or DiT's `gaussian.GaussianDiffusion` with a `gaussian.GaussianSamplerConfig`
+      (DDPM or DDIM; the routers see the original timesteps of the respaced chain, as the
+      network does).
     batch_size: B, the static batch of every `sample` call.
     cfg_scale, guide_channels, guidance_interval, null_class: classifier-free guidance (cfg > 1).
     bucket: width counts are rounded up to a multiple of this (fewer compiled signatures).
@@ -202,7 +253,7 @@ class SparseSampler:
   of compiled segment functions (= `plan.num_signatures`).
   """
 
-  def __init__(self, model: dydit_lib.DyDiT, params, transport: Transport,
+  def __init__(self, model: dydit_lib.DyDiT, params, objective,
                sampler: samplers.SamplerConfig, *, batch_size: int, cfg_scale: float = 1.0,
                guide_channels: Optional[int] = 3, guidance_interval=None,
                null_class: Optional[int] = None, bucket: int = 1, token_fraction=None,
@@ -213,6 +264,10 @@ class SparseSampler:
     if not model.width_routing:
       raise ValueError("SparseSampler needs width routing (model.width_routing=True)")
     self.sampler = sampler.validate()
+    self.gaussian = self.sampler.kind == "gaussian"
+    if self.gaussian != (not isinstance(objective, Transport)):
+      raise ValueError("pair a Transport with samplers.ODEConfig / SDEConfig, or a "
+                       "gaussian.GaussianDiffusion with gaussian.GaussianSamplerConfig")
     if not self.sampler.fixed:
       raise ValueError(f"sparse DyDiT sampling needs a fixed-step sampler (ODE 'euler'/'heun2' or "
                        f"SDE 'Euler'/'Heun'); {self.sampler.method!r} chooses its own times: use "
@@ -221,8 +276,25 @@ class SparseSampler:
       raise ValueError(f"batch_size={batch_size} must be a positive int")
     if int(bucket) != bucket or bucket < 1:
       raise ValueError(f"bucket={bucket} must be an int >= 1")
-    guidance.check_guidance(cfg_scale, guide_channels, guidance_interval, model.in_channels)
-    self.model, self.transport, self.batch_size = model, transport, int(batch_size)
+    if self.gaussian:
+      from edit_jax.diffusion import gaussian  # noqa: PLC0415
+      gaussian.check_guidance(cfg_scale, guide_channels, guidance_interval)
+      self.diffusion = gaussian.for_sampling(objective, self.sampler)
+      if self.diffusion.learned_variance != model.learn_sigma:
+        raise ValueError(f"the diffusion's {self.diffusion.model_var_type} variance does not fit "
+                         f"a model with learn_sigma={model.learn_sigma}")
+      self.program = gaussian.program(objective, self.sampler)
+      self._step = gaussian.make_step(objective, self.sampler)
+      self._last = None
+      self.stochastic = self.sampler.stochastic
+    else:
+      guidance.check_guidance(cfg_scale, guide_channels, guidance_interval, model.in_channels)
+      self.diffusion = None
+      self.program = samplers.program(objective, self.sampler)
+      self._step = samplers.make_step(objective, self.sampler)
+      self._last = samplers.make_last_step(objective, self.sampler)
+      self.stochastic = self.sampler.kind == "sde"
+    self.model, self.transport, self.batch_size = model, objective, int(batch_size)
     self.cfg_scale, self.guide_channels, self.guidance_interval = cfg_scale, guide_channels, \
         guidance_interval
     self.use_cfg = guidance.uses_guidance(cfg_scale)
@@ -230,7 +302,6 @@ class SparseSampler:
     self.bucket = int(bucket)
     self.capacity_margin, self.capacity_multiple = float(capacity_margin), int(capacity_multiple)
     self.min_token_saving = float(min_token_saving)
-    self.program = samplers.program(transport, self.sampler)
     self.evals = self.program.evals_per_step
     self.rows = self.batch_size * model.num_tokens * (2 if self.use_cfg else 1)
     self.params = params
@@ -246,8 +317,12 @@ class SparseSampler:
 
   # ------------------------------------------------------------------ planning
   def eval_times(self) -> np.ndarray:
-    """(S', E) evaluation times; row S (SDE last step) has one evaluation (column 0)."""
+    """(S', E) times the network sees; row S (SDE last step) has one evaluation (column 0).
+    Gaussian: the original timestep timestep_map[chain index] of each step."""
     prog = self.program
+    if self.gaussian:
+      idx = prog.t.astype(np.int64)
+      return self.diffusion.timestep_map[idx].astype(np.float32)[:, None]
     ts = np.stack([prog.t + e * prog.dt for e in range(self.evals)], axis=1)
     if prog.last_evals:
       ts = np.concatenate([ts, np.full((1, self.evals), prog.last_t, np.float32)], axis=0)
@@ -334,6 +409,7 @@ class SparseSampler:
     m = self.model
     models_ = [m.clone(segment=tuple(per_eval[e]), parent=None) for e in range(len(per_eval))]
     recorder = self._record
+    full = self.gaussian  # the Gaussian objective reads the learned-variance channels too
 
     def fns(seg_vars, head_gates, group_gates, k, record):
       out = []
@@ -342,8 +418,9 @@ class SparseSampler:
 
         def f(x, t, y, mm=mm, v=seg_vars[e], gates=gates, e=e):
           if not m.token_routing:
-            return mm.apply(v, x, t, y, unit_gates=gates)
-          o, st = mm.apply(v, x, t, y, unit_gates=gates, mutable=[dydit_lib.GATES])
+            return mm.apply(v, x, t, y, unit_gates=gates, full_output=full)
+          o, st = mm.apply(v, x, t, y, unit_gates=gates, full_output=full,
+                           mutable=[dydit_lib.GATES])
           tok = dydit_lib.stack_sown(st, m.depth)["token"]      # (B, L, N, 1)
           counts = tok.reshape(tok.shape[0], m.depth, -1).sum((0, 2))
           rows = tok.shape[0] * tok.shape[2]
@@ -352,7 +429,11 @@ class SparseSampler:
                        lambda c: None, counts)
           return o
 
-        if self.use_cfg:
+        if self.use_cfg and self.gaussian:
+          from edit_jax.diffusion import gaussian  # noqa: PLC0415
+          f = gaussian.guided_model_fn(f, self.cfg_scale, self.null_class, m.in_channels,
+                                       self.guide_channels)
+        elif self.use_cfg:
           f = guidance.guided_model_fn(f, self.cfg_scale, self.null_class, self.guide_channels,
                                        self.guidance_interval)
         out.append(f)
@@ -363,9 +444,7 @@ class SparseSampler:
   def _segment_fn(self, key):
     kind, models_, fns = self._segment_fns(key)
     m = self.model
-    step = samplers.make_step(self.transport, self.sampler)
-    last = samplers.make_last_step(self.transport, self.sampler)
-    is_sde = self.sampler.kind == "sde"
+    step, last, stochastic = self._step, self._last, self.stochastic
 
     def slice_all(variables, head_idx, group_idx):
       return [dydit_lib.slice_variables(m, variables, head_idx[e], group_idx[e])
@@ -383,8 +462,9 @@ class SparseSampler:
       seg = slice_all(variables, head_idx, group_idx)
 
       def body(k, x):
-        noise = samplers.step_noise(keys, k, x.shape[1:]) if is_sde else None
-        return step(fns(seg, hg, gg, k, record), x, y, t_arr[k], dt_arr[k], noise)
+        noise = samplers.step_noise(keys, k, x.shape[1:]) if stochastic else None
+        f = fns(seg, hg, gg, k, record)
+        return step(f[0] if len(f) == 1 else f, x, y, t_arr[k], dt_arr[k], noise)
 
       return jax.lax.fori_loop(k0, k1, body, x)
     return fn
@@ -436,8 +516,9 @@ class SparseSampler:
 
   def _keys(self, rng):
     if rng is None:
-      if self.sampler.kind == "sde":
-        raise ValueError("the SDE sampler needs rng (a PRNG key or one key per sample)")
+      if self.stochastic:
+        raise ValueError(f"the {self.sampler.method} sampler needs rng (a PRNG key or one key "
+                         f"per sample)")
       return self._dummy_keys
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ():
@@ -454,8 +535,9 @@ class SparseSampler:
     return x
 
   def sample(self, x0, y, rng=None) -> SparseResult:
-    """x0 (B, H, W, C) initial noise (t = t0), y (B,) labels, rng: key(s) for the SDE noise
-    (same streams as `samplers.sample_fixed`: step k of sample i uses fold_in(key_i, k))."""
+    """x0 (B, H, W, C) initial noise, y (B,) labels, rng: key(s) for the SDE / DDPM noise (the
+    same streams as `samplers.sample_fixed` / `gaussian.sample_loop`: step k of sample i uses
+    fold_in(key_i, k))."""
     self._check(x0, y)
     keys = self._keys(rng)
     x = jax.device_put(np.asarray(x0, np.float32))

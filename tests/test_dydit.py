@@ -200,6 +200,10 @@ def test_sliced_segment_model_equals_dense_masks(mediator_num):
   assert "attn_rate" not in sv["params"]["blocks_0"]
   got = apply(seg, sv, x, t, y)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
+  # from the raw parameters too (mediator position tables sliced, not the cached biases)
+  sp = jax.jit(lambda v: dydit.slice_variables(dy, v, hidx, gidx))({"params": p})
+  np.testing.assert_allclose(np.asarray(apply(seg, sp, x, t, y)), np.asarray(want), atol=2e-6,
+                             rtol=1e-5)
   # padding units with gate 0 (bucketed signature) change nothing
   hpad = [np.concatenate([h, np.nonzero(np.asarray(hh) == 0)[0][:1]]) for h, hh in
           zip(hidx, heads)]

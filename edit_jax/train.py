@@ -111,6 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
       width_routing=True, token_routing=True,
       target_ratio=0.5, flops_weight=2.0, target_hold_steps=100, target_warmup_steps=1000,
       complete_model_steps=0, t_bins=4,
+      router_lr_mult=1.0,  # routers' lr = this x the backbone's (1 = official); short runs: > 1
       reorder=False))  # magnitude-reorder heads / MLP groups of init_from weights (spec 4.4)
   c.init_from = ""               # workdir / converted dir / .pt / .npz to initialize params from
   c.init_from_ema = True
@@ -247,6 +248,13 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
   tx = optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
   if oc.grad_clip and oc.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
+  mult = float(config.dydit.get("router_lr_mult", 1.0)) if "dydit" in config and \
+      config.model.get("arch", "sit") == "dydit" else 1.0
+  if mult != 1.0:
+    if not mult > 0:
+      raise ConfigError(f"dydit.router_lr_mult={mult} must be > 0 (1 = the backbone's lr)")
+    from edit_jax.models import dydit  # noqa: PLC0415
+    tx = optax.chain(tx, dydit.scale_router_updates(mult))
   return tx, schedule
 
 

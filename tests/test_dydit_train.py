@@ -164,3 +164,27 @@ def test_dydit_config_errors(tmp_path):
   c.dydit.router_format = "nus"
   with pytest.raises(train.ConfigError, match="router_format"):
     train.get_model(c)
+
+
+def test_router_lr_multiplier_scales_only_router_updates():
+  base, bp = tiny()
+  m = dydit.from_sit(base)
+  p = dydit.init_from_base(m, bp, jax.random.key(2))
+  c = train.default_config()
+  c.model.arch = "dydit"
+  c.optim.learning_rate = 1e-3
+  grads = jax.tree_util.tree_map(jnp.ones_like, p)
+  upd = {}
+  for mult in (1.0, 7.0):
+    c.dydit.router_lr_mult = mult
+    tx, _ = train.make_optimizer(c)
+    upd[mult] = tx.update(grads, tx.init(p), p)[0]
+  r1, r7 = upd[1.0]["blocks_0"]["attn_rate"]["router"]["bias"], \
+      upd[7.0]["blocks_0"]["attn_rate"]["router"]["bias"]
+  np.testing.assert_allclose(np.asarray(r7), 7 * np.asarray(r1), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(upd[7.0]["blocks_1"]["token_selection"]["mlp_head_0"]
+                                        ["kernel"]),
+                             7 * np.asarray(upd[1.0]["blocks_1"]["token_selection"]["mlp_head_0"]
+                                            ["kernel"]), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(upd[7.0]["blocks_0"]["mlp"]["fc1"]["kernel"]),
+                                np.asarray(upd[1.0]["blocks_0"]["mlp"]["fc1"]["kernel"]))

@@ -366,8 +366,30 @@ def init_from_base(model: DyDiT, base_params, rng) -> dict:
   return traverse_util.unflatten_dict(out)
 
 
+ROUTER_MODULES = ("attn_rate", "mlp_rate", "token_selection")
+
+
 def _is_router_key(k) -> bool:
-  return any(p in ("attn_rate", "mlp_rate", "token_selection") for p in k)
+  return any(p in ROUTER_MODULES for p in k)
+
+
+def is_router_path(path) -> bool:
+  """Whether a pytree path (from `jax.tree_util.tree_map_with_path`) is a router parameter."""
+  return any(getattr(p, "key", getattr(p, "name", None)) in ROUTER_MODULES for p in path)
+
+
+def scale_router_updates(mult: float):
+  """An optax transformation multiplying the router parameters' updates by `mult` (chain it after
+  the optimizer: a router learning rate of mult x the backbone's). Short fine-tuning runs need it:
+  with Adam a parameter moves about lr per step, and the router logits start at +15 / +35."""
+  import optax  # noqa: PLC0415
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda p, u: u * mult if is_router_path(p) else u, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def forward_with_gates(model: DyDiT, variables, x, t, y, *, train: bool = False, rngs=None,

@@ -18,3 +18,4 @@ $PY benchmarks/dydit_speed.py digits --base "$RUNS/quickstart" \
   --out benchmarks/results/dydit_digits.json
 $PY benchmarks/dydit_speed.py synthetic --name SiT-S/2 --input_size 32 --targets 0.7,0.5 \
   --method euler --num_steps 11 --cfg 1.5 --batch 8 --repeats 3 --out benchmarks/results/dydit_s2_cpu.json
+$PY benchmarks/dydit_speed.py render

@@ -1,5 +1,7 @@
 """Sparse DyDiT sampling: equals the dense-masked sampler, compiles once per signature (nothing
 inside the loop), capacity-bounded token skipping with its dense fallback, CFG and mediators."""
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +27,7 @@ def make_model(mediator_num=0, depth=2, seed=0, learn_sigma=False, t_max=1.0):
 
   def perturb(path, a):
     name = jax.tree_util.keystr(path)
-    k = jax.random.key(abs(hash(name)) % 10007 + seed)
+    k = jax.random.key(zlib.crc32(name.encode()) % 10007 + seed)  # not hash(): salted per process
     if "t_embedder" in name:
       return a + 0.5 * jax.random.normal(k, a.shape) / (t_max if "mlp_0" in name else 1.0)
     if "router" in name:

@@ -188,3 +188,19 @@ def test_router_lr_multiplier_scales_only_router_updates():
                                             ["kernel"]), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(upd[7.0]["blocks_0"]["mlp"]["fc1"]["kernel"]),
                                 np.asarray(upd[1.0]["blocks_0"]["mlp"]["fc1"]["kernel"]))
+
+
+
+def test_blocks_materialize_the_residual_cotangent(monkeypatch):
+  """Every DyDiT block passes its input through sit.materialize_cotangent, as SiT blocks do
+  (issue 15: without it XLA duplicates the backward's residual-stream chain into every block)."""
+  from edit_jax.models import sit  # noqa: PLC0415
+  calls = []
+  monkeypatch.setattr(sit, "materialize_cotangent", lambda h: calls.append(h.shape) or h)
+  m = models.build_model(None, arch="dydit", input_size=8, patch_size=2, in_channels=1,
+                         hidden_size=32, depth=3, num_heads=4, num_classes=4)
+  p = jax.eval_shape(lambda: models.init_params(m, jax.random.key(0)))
+  calls.clear()
+  jax.eval_shape(lambda q: m.apply({"params": q}, jnp.zeros((2, 8, 8, 1)), jnp.full((2,), 0.5),
+                                   jnp.zeros((2,), jnp.int32)), p)
+  assert calls == [(2, 16, 32)] * 3

@@ -163,6 +163,7 @@ class DyDiTBlock(sit.SiTBlock):
 
   def __call__(self, x, c, t_emb=None, train: bool = False, complete_model: bool = False,
                unit_gates=None):
+    x = sit.materialize_cotangent(x)  # as SiTBlock: a linear-in-depth backward (issue 15)
     mod = self.adaLN_modulation_1(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     if complete_model:  # full width, no routers: exactly SiTBlock

@@ -409,7 +409,7 @@ def main(argv=None):
     return
   if not a.out:
     ap.error("--out is required")
-  load_start = os.getloadavg()
+  load_start, env = os.getloadavg(), _environment()  # the commit that runs, read at the start
   if a.study == "digits":
     if not a.base or not a.dydit:
       ap.error("digits needs --base and at least one --dydit LAMBDA=WORKDIR")
@@ -420,7 +420,7 @@ def main(argv=None):
   out["note"] = "shared 2-core CPU: other processes ran concurrently; see cpu_s beside wall_s"
   out["load_average"] = {"start": [round(v, 2) for v in load_start],
                          "end": [round(v, 2) for v in os.getloadavg()]}
-  out.update(_environment())
+  out.update(env)
   common.write_json(a.out, out)
 
 

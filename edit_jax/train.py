@@ -7,7 +7,9 @@ born sharded (params + AdamW state + EMA, by the model's logical axis names; see
 ``edit_jax.sharding``), resumes from ``workdir/checkpoints`` when possible (else initializes, or
 loads ``config.init_from``), and runs one jitted, donated train step per global batch:
 
-    rng_t = fold_in(rng_base, step);  loss = transport loss (edit_jax.diffusion.transport.make_loss_fn)
+    rng_t = fold_in(rng_base, step);  loss = the objective's loss (``config.objective``:
+      "transport" = SiT, edit_jax.diffusion.transport.make_loss_fn; "gaussian" = DiT,
+      edit_jax.diffusion.gaussian.make_loss_fn with ``config.diffusion``)
     grads (optionally accumulated over micro-batches) -> [clip] -> AdamW -> EMA update
 
 Recipe of the paper / official code (spec/sit_mediators.md section 6): AdamW lr 1e-4, no weight
@@ -47,6 +49,7 @@ from edit_jax import data as data_lib
 from edit_jax import metrics as metrics_lib
 from edit_jax import models
 from edit_jax import sharding as sharding_lib
+from edit_jax.diffusion import gaussian as gaussian_lib
 from edit_jax.diffusion import transport as transport_lib
 
 # Re-exported: the official 256 -> 512 -> 1024 rule lives with the other checkpoint helpers.
@@ -76,9 +79,13 @@ def default_config() -> ml_collections.ConfigDict:
       learn_sigma=True, mediator_num=0, mediator_layers="all", attention_impl="xla",
       full_attention_impl="", dtype="float32", remat=False,
       hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0))
+  # Objective: "transport" (SiT's interpolants, c.transport) or "gaussian" (DiT's discrete
+  # diffusion, c.diffusion = the create_diffusion flags; learned variance = model.learn_sigma).
+  c.objective = "transport"
   c.transport = ml_collections.ConfigDict(dict(
       path_type="Linear", prediction="velocity", loss_weight="none",
       train_eps=-1.0, sample_eps=-1.0))  # < 0: the official defaults
+  c.diffusion = ml_collections.ConfigDict(dict(gaussian_lib.DIFFUSION_DEFAULTS))
   c.data = ml_collections.ConfigDict(dict(
       name="latents", path="", image_size=256, channels=3, num_classes=1000, random_flip=True,
       latent_sample=True, space="pixels", latent_channels=4, tfds_name="", split="train",
@@ -103,7 +110,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       every=10000, method="heun2", num_steps=50, cfg_scale=4.0, guide_channels=3,
       classes=IMAGENET_SAMPLE_CLASSES, per_class=2, vae_path="", seed=1, upscale=1,
-      digit_accuracy=False))  # digits data: score grids with edit_jax.eval.digits' classifier
+      digit_accuracy=False,  # digits data: score grids with edit_jax.eval.digits' classifier
+      eta=0.0, clip_denoised=False, respacing=""))  # objective="gaussian" (method ddpm / ddim)
   # DyDiT (model.arch = "dydit", edit_jax.models.dydit / edit_jax.diffusion.dydit): router options
   # and the fine-tuning loss; init_from a trained SiT/DiT (its routers start fresh, all gates on).
   c.dydit = ml_collections.ConfigDict(dict(
@@ -165,30 +173,60 @@ def dydit_loss_config(config):
     raise ConfigError(f"config.dydit: {e}") from e
 
 
-def make_loss(config, model, objective):
-  """(loss_fn, takes_step, extra metric names) for the configured model family and objective
-  (a SiT `Transport`, or DiT's `gaussian.GaussianDiffusion`)."""
-  gaussian = not isinstance(objective, transport_lib.Transport)
-  if isinstance(model, models.DyDiT):
-    from edit_jax.diffusion import dydit as dydit_diffusion  # noqa: PLC0415
-    if not model.width_routing and not model.token_routing:
-      raise ConfigError("config.dydit: width_routing and token_routing are both off: nothing to "
-                        "fine-tune; use model.arch='sit'")
-    make = (dydit_diffusion.make_gaussian_loss_fn if gaussian
-            else dydit_diffusion.make_transport_loss_fn)
-    return make(model, objective, dydit_loss_config(config)), True, dydit_diffusion.LOG_KEYS
-  if gaussian:
-    from edit_jax.diffusion import gaussian as gaussian_lib  # noqa: PLC0415
-    return gaussian_lib.make_loss_fn(model, objective), False, ()
-  return transport_lib.make_loss_fn(model, objective), False, ()
-
-
 def get_transport(config) -> transport_lib.Transport:
   tc = config.transport
   lw = tc.loss_weight
   return transport_lib.create_transport(
       tc.path_type, tc.prediction, None if lw in ("none", "None", "", None) else lw,
       None if tc.train_eps < 0 else tc.train_eps, None if tc.sample_eps < 0 else tc.sample_eps)
+
+
+OBJECTIVES = ("transport", "gaussian")
+
+
+def get_diffusion(config, model) -> gaussian_lib.GaussianDiffusion:
+  """The training diffusion (all ``config.diffusion.diffusion_steps`` steps) of objective="gaussian"."""
+  try:
+    return gaussian_lib.diffusion_from_settings(config.diffusion.to_dict(), model.learn_sigma)
+  except ValueError as e:
+    raise ConfigError(f"config.diffusion: {e}") from e
+
+
+def get_objective(config, model):
+  """``Transport`` (objective="transport") or ``GaussianDiffusion`` (objective="gaussian")."""
+  if config.get("objective", "transport") not in OBJECTIVES:
+    raise ConfigError(f"objective={config.objective!r}: expected one of {list(OBJECTIVES)}")
+  if config.get("objective", "transport") == "gaussian":
+    return get_diffusion(config, model)
+  return get_transport(config)
+
+
+def make_loss_fn(config, model, objective):
+  """The training loss ``(params, x, y, rng) -> (loss, aux)`` of ``config.objective`` for a SiT/DiT
+  (``objective`` from `get_objective`). DyDiT models: `make_loss`."""
+  if config.get("objective", "transport") == "gaussian":
+    return gaussian_lib.make_loss_fn(model, objective)
+  return transport_lib.make_loss_fn(model, objective)
+
+
+def make_loss(config, model, objective):
+  """The trainer's loss: (loss_fn, takes_step, extra metric names).
+
+  ``config.objective`` picks the objective for every model family (``objective`` =
+  `get_objective`'s Transport or GaussianDiffusion). A DyDiT gets its fine-tuning loss on that
+  objective (diffusion loss + FLOPs-ratio loss with the target warm-up, so it takes the step, and
+  logs ``edit_jax.diffusion.dydit.LOG_KEYS``); other models `make_loss_fn`.
+  """
+  if not isinstance(model, models.DyDiT):
+    return make_loss_fn(config, model, objective), False, ()
+  from edit_jax.diffusion import dydit as dydit_diffusion  # noqa: PLC0415
+  if not model.width_routing and not model.token_routing:
+    raise ConfigError("config.dydit: width_routing and token_routing are both off: nothing to "
+                      "fine-tune; use model.arch='sit'")
+  make = (dydit_diffusion.make_gaussian_loss_fn
+          if config.get("objective", "transport") == "gaussian"
+          else dydit_diffusion.make_transport_loss_fn)
+  return make(model, objective, dydit_loss_config(config)), True, dydit_diffusion.LOG_KEYS
 
 
 def check_config(config, model: models.SiT, example_shape, num_classes: int):
@@ -216,10 +254,17 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
                       "linear")
   if isinstance(model, models.DyDiT):
     dydit_loss_config(config)
+  gaussian = config.get("objective", "transport") == "gaussian"
+  method = str(config.sample.method)
+  if config.sample.every > 0 and gaussian != (method.lower() in gaussian_lib.METHODS):
+    want = ("'ddpm' or 'ddim'" if gaussian else "'euler', 'heun2', 'dopri5' (ODE) or 'Euler', "
+            "'Heun' (SDE)")
+    raise ConfigError(f"sample.method={method!r} does not fit objective="
+                      f"{config.get('objective', 'transport')!r}: use {want}")
   check_optim_config(config)
   if config.sample.every > 0:
     try:
-      sampler_config(config.sample)
+      sampler_config(config.sample, config.get("objective", "transport"))
     except ValueError as e:
       raise ConfigError(f"config.sample: {e}") from None
 
@@ -546,15 +591,21 @@ def sample_labels(config, num_classes: int) -> np.ndarray:
   return np.repeat(np.asarray(classes, np.int32), int(config.sample.per_class))
 
 
-def sampler_config(sc):
-  """The validated ``edit_jax.diffusion.samplers`` config of ``config.sample`` (ValueError)."""
+def sampler_config(sc, objective: str = "transport"):
+  """The validated sampler config of ``config.sample`` (ValueError): an
+  ``edit_jax.diffusion.samplers`` ODE/SDE config for the transport, a
+  ``GaussianSamplerConfig`` (DDPM/DDIM) for ``objective="gaussian"``."""
   from edit_jax.diffusion import guidance, samplers  # noqa: PLC0415
-  if sc.method in ("Euler", "Heun"):
+  if objective == "gaussian":
+    cfg = gaussian_lib.GaussianSamplerConfig(
+        method=sc.method, num_steps=sc.num_steps, eta=sc.get("eta", 0.0),
+        clip_denoised=sc.get("clip_denoised", False), respacing=sc.get("respacing", ""))
+  elif sc.method in ("Euler", "Heun"):
     cfg = samplers.SDEConfig(method=sc.method, num_steps=sc.num_steps)
   else:
     cfg = samplers.ODEConfig(method=sc.method, num_steps=sc.num_steps)
   cfg = cfg.validate()
-  if sc.num_steps < 2:
+  if objective != "gaussian" and sc.num_steps < 2:  # a Gaussian chain may be set by respacing
     raise ValueError(f"num_steps={sc.num_steps} must be >= 2 (grid points)")
   if sc.per_class < 1:
     raise ValueError(f"per_class={sc.per_class} must be >= 1")
@@ -563,14 +614,20 @@ def sampler_config(sc):
 
 
 def make_sampler(config, model, transport, mesh, ema_shardings):
-  """A jitted ``(ema_params, x0, y) -> samples`` with edit_jax.diffusion.samplers (EMA model, CFG)."""
+  """A jitted ``(ema_params, x0, y, rng) -> samples`` (EMA model, CFG): edit_jax.diffusion.samplers
+  for a ``Transport``, DDPM/DDIM (edit_jax.diffusion.gaussian) for a ``GaussianDiffusion``."""
   from edit_jax.diffusion import samplers  # noqa: PLC0415
   sc = config.sample
-  cfg = sampler_config(sc)
+  gaussian = isinstance(transport, gaussian_lib.GaussianDiffusion)
+  cfg = sampler_config(sc, "gaussian" if gaussian else "transport")
   gc = None if sc.guide_channels is None or sc.guide_channels < 0 else int(sc.guide_channels)
   if gc is not None and gc > model.in_channels:
     gc = None
-  fn = samplers.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale, guide_channels=gc)
+  if gaussian:
+    fn = gaussian_lib.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale,
+                                     guide_channels=gc)
+  else:
+    fn = samplers.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale, guide_channels=gc)
   rep = NamedSharding(mesh, P())
   return jax.jit(lambda p, x0, y, rng: fn(p, x0, y, rng).x,
                  in_shardings=(ema_shardings, rep, rep, rep), out_shardings=rep)
@@ -674,6 +731,21 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
   return state, shardings, None
 
 
+def _check_resumed_objective(wd: epath.Path, config):
+  """A workdir with checkpoints resumes only with the objective it was trained with (checked before
+  config.json is rewritten)."""
+  ckdir = ckpt_lib.checkpoint_dir(str(wd))
+  if not (wd / "config.json").exists() or not ckdir.exists():
+    return
+  if not any(p.name.isdigit() for p in ckdir.iterdir()):
+    return
+  saved = json.loads((wd / "config.json").read_text()).get("objective", "transport")
+  if saved != config.get("objective", "transport"):
+    raise ConfigError(f"{wd} holds checkpoints trained with objective={saved!r} but the config says "
+                      f"objective={config.objective!r}: pass --config.objective={saved} to resume "
+                      f"it, or use another workdir")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains until ``config.num_train_steps`` (resuming from ``workdir``); returns a summary.
 
@@ -698,7 +770,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   check_workdir(workdir)
   model = get_model(config)
-  transport = get_transport(config)
+  transport = get_objective(config, model)  # a Transport or a GaussianDiffusion
   mesh = sharding_lib.make_mesh(config.mesh_shape, tuple(config.mesh_axes))
   sharding_lib.check_batch_size(config.global_batch_size, mesh, config.grad_accum_steps, pcount)
   pipeline = data_lib.make_pipeline(config.data, seed=config.seed,
@@ -709,6 +781,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, schedule = make_optimizer(config)
 
   wd = epath.Path(workdir)
+  _check_resumed_objective(wd, config)
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints,
                                async_save=config.async_checkpointing)
   base = jax.random.key(config.seed)
@@ -932,7 +1005,8 @@ def _gflops(model) -> float:
 
 
 __all__ = [
-    "TrainState", "default_config", "get_model", "get_transport", "make_optimizer",
+    "TrainState", "default_config", "get_model", "get_transport", "get_diffusion",
+    "get_objective", "make_optimizer",
     "create_train_state", "make_train_step", "train_and_evaluate", "resize_mediator_params",
     "maybe_initialize_distributed", "state_shardings", "ConfigError", "make_loss",
 ]

@@ -166,6 +166,29 @@ def test_dydit_config_errors(tmp_path):
     train.get_model(c)
 
 
+
+@pytest.mark.parametrize("objective", ["transport", "gaussian"])
+def test_trainer_loss_follows_config_objective(tmp_path, objective):
+  """config.objective (the one switch, train.get_objective) picks DyDiT's fine-tuning loss on that
+  objective: the trainer's loss equals the matching edit_jax.diffusion.dydit loss of the same draws."""
+  c = dydit_config(tmp_path / "nothing")
+  c.objective = objective
+  c.model.learn_sigma = objective == "gaussian"
+  model = train.get_model(c)
+  obj = train.get_objective(c, model)
+  assert isinstance(obj, gaussian.GaussianDiffusion if objective == "gaussian" else tr.Transport)
+  loss_fn, takes_step, keys = train.make_loss(c, model, obj)
+  assert takes_step and "flops_ratio" in keys
+  make = ddy.make_gaussian_loss_fn if objective == "gaussian" else ddy.make_transport_loss_fn
+  want_fn = make(model, obj, train.dydit_loss_config(c))
+  p = noisy(models.init_params(model, jax.random.key(0)), 0.05)
+  x, y, rng = jax.random.normal(jax.random.key(1), (4, 8, 8, 1)), jnp.arange(4) % 4, \
+      jax.random.key(2)
+  got, aux = loss_fn(p, x, y, rng, 5)
+  want, _ = want_fn(p, x, y, rng, 5)
+  assert float(got) == float(want) and "flops_loss" in aux["log"]
+
+
 def test_router_lr_multiplier_scales_only_router_updates():
   base, bp = tiny()
   m = dydit.from_sit(base)

@@ -15,7 +15,7 @@ steps then linear to lambda by step 250 (official formula), FLOPs-loss weight 2,
 t, no complete-model phase (the official S/B setting), EMA 0.99 (the run is short).
 Sized for a 2-core CPU: ~15 minutes. Sampling (heun2, 30 points, CFG 3) writes a digit grid.
 Measured quality and speed (dense vs sparse sampling, FLOPs ratio beside time ratio):
-docs/dydit.md and benchmarks/dydit_digits.py.
+docs/dydit.md and benchmarks/dydit_speed.py.
 """
 import importlib.util
 import pathlib

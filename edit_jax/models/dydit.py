@@ -183,7 +183,7 @@ class DyDiTBlock(sit.SiTBlock):
       self.sow(LOGITS, "attn_logits", la)
       self.sow(LOGITS, "mlp_logits", lm)
     x = x + gate_msa[:, None] * self.attn(
-        sit.modulate(sit.layer_norm(x), shift_msa, scale_msa), head_gate)
+        sit.modulate(sit.layer_norm(x), shift_msa, scale_msa), head_gate=head_gate)
     if not self.token_routing:
       x = x + gate_mlp[:, None] * self.mlp(sit.modulate(sit.layer_norm(x), shift_mlp, scale_mlp),
                                            group_gate)

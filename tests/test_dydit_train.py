@@ -164,6 +164,10 @@ def test_dydit_config_errors(tmp_path):
   c.dydit.router_format = "nus"
   with pytest.raises(train.ConfigError, match="router_format"):
     train.get_model(c)
+  c = dydit_config(tmp_path / "nothing")
+  c.amm.enabled = True  # DyDiT blocks have no AMM path: refused, not silently ignored
+  with pytest.raises(train.ConfigError, match="amm.enabled"):
+    train.get_model(c)
 
 
 

@@ -176,7 +176,7 @@ def digits_study(args) -> dict:
     quality.append({"model": label, "variant": "dydit_dense", **score(xd)})
     quality.append({"model": label, "variant": "dydit_sparse", **score(xs),
                     "max_abs_diff_vs_dense": float(np.abs(xs - xd).max())})
-  print("\nquality (500 samples)")
+  print(f"\nquality ({n} samples)")
   common.print_table(quality, ["model", "variant", "fdd", "accuracy"])
   print("\nspeed")
   common.print_table(rows, ["model", "variant", "batch", "images_per_s", "wall_s", "cpu_s",
@@ -289,7 +289,7 @@ def _speed_table(rows: list[dict]) -> list[str]:
 
 def _plans_table(plans: dict) -> list[str]:
   out = ["| model | signatures | runs | heads on | groups on | tokens on (calibration) | "
-         "blocks-only FLOPs ratio | masked FLOPs ratio (public code) |", "|---|---|---|---|---|---|---|---|"]
+         "blocks-only FLOPs ratio | FLOPs ratio the masks imply |", "|---|---|---|---|---|---|---|---|"]
   for k, v in plans.items():
     tok = "-" if v["token_fraction_mean"] is None else f"{v['token_fraction_mean']:.3f}"
     out.append(f"| {k} | {v['signatures']} | {v['runs']} | {v['head_fraction_mean']:.3f} | "
@@ -328,7 +328,8 @@ def markdown(digits: dict | None, synthetic: dict | None) -> str:
   lines = []
   if digits is not None:
     lines += ["### Digits: fine-tuned quickstart models", "", _setup_line(digits), "",
-              f"Quality ({digits['args']['quality_samples']} samples, 50 per class, the same noise "
+              f"Quality ({digits['args']['quality_samples']} samples, "
+              f"{digits['args']['quality_samples'] // 10} per class, the same noise "
               f"for every model; Frechet digit distance vs the training digits and conditional "
               f"accuracy of the offline digit classifier):", "",
               "| model | variant | FDD | accuracy | max abs diff sparse vs dense |", "|---|---|---|---|---|"]

@@ -1,11 +1,14 @@
-"""Load official PyTorch SiT / Attention-Mediators checkpoints into edit_jax.
+"""Load official PyTorch SiT / Attention-Mediators / DyDiT checkpoints into edit_jax.
 
     model, params = load_torch_checkpoint("SiT-XL-2-256x256.pt")
     out = model.apply({"params": params}, x_nhwc, t, y)
 
 The architecture (depth, width, patch, in-channels, classes, learned sigma, mediator count and which
-blocks have mediators, input size) is inferred from the tensors; the number of heads comes from the
-standard size table (S/B/L/XL) or from the mediator bias tables, unless given.
+blocks have mediators, input size, DyDiT routers and their format) is inferred from the tensors; the
+number of heads comes from the standard size table (S/B/L/XL) or from the mediator bias tables,
+unless given. DyDiT checkpoints (`blocks.i.attn_rate.router`, `mlp_rate.router`,
+`token_selection.mlp_head.{0,2}`) load as `edit_jax.models.dydit.DyDiT` in either released router
+format (H - 1 outputs with unit 0 forced on, or the first release's H outputs).
 
 PyTorch layouts at this boundary: Linear weights (out, in) -> kernel (in, out); Conv2d weights
 (out, in, kh, kw) -> kernel (kh, kw, in, out); the model itself is NHWC.
@@ -222,8 +225,8 @@ def infer_edt_config(sd: Mapping[str, np.ndarray], **overrides) -> dict:
 
 
 def infer_config(sd: Mapping[str, np.ndarray], num_heads: int | None = None, **overrides) -> dict:
-  """Model constructor arguments inferred from an official state_dict (SiT/DiT, or EDT with
-  "arch": "edt")."""
+  """Model constructor arguments inferred from an official state_dict (SiT, DiT, Attention
+  Mediators; DyDiT adds arch="dydit" and the router format; EDT "arch": "edt")."""
   if is_edt_state_dict(sd):
     if num_heads is not None:
       raise ValueError("num_heads is read from an EDT checkpoint's relative-position tables; do "
@@ -265,6 +268,8 @@ def infer_config(sd: Mapping[str, np.ndarray], num_heads: int | None = None, **o
       mediator_layers=None if len(med_blocks) == depth else tuple(med_blocks))
   if depth and f"blocks.{block_ids[0]}.mlp.fc1.weight" in sd:
     cfg["mlp_ratio"] = sd[f"blocks.{block_ids[0]}.mlp.fc1.weight"].shape[0] / d
+  if depth:
+    cfg.update(_infer_dydit(sd, block_ids[0], d, num_heads))
   if grid is not None:
     cfg["input_size"] = grid * p
   cfg.update(overrides)
@@ -272,6 +277,36 @@ def infer_config(sd: Mapping[str, np.ndarray], num_heads: int | None = None, **o
     raise ValueError("cannot infer the input size (no pos_embed and no mediator tables): pass "
                      "input_size=... (latent size, e.g. 32 for 256 px images)")
   return cfg
+
+
+def _infer_dydit(sd, b0: int, d: int, num_heads: int) -> dict:
+  """DyDiT fields when the state_dict has DyDiT routers (else {}).
+
+  Two released router formats: alibaba-damo-academy/DyDiT `attn_rate.router` / `mlp_rate.router`
+  with H - 1 outputs (unit 0 always on) -> router_format "forced"; the first NUS-HPC-AI-Lab release
+  with H outputs -> "all". The token router's hidden width gives token_router_ratio = D / hidden.
+  """
+  key = f"blocks.{b0}.attn_rate.router.weight"
+  tok = f"blocks.{b0}.token_selection.mlp_head.0.weight"
+  if key not in sd and tok not in sd:
+    return {}
+  out = {"arch": "dydit", "width_routing": key in sd, "token_routing": tok in sd}
+  if key in sd:
+    units = int(sd[key].shape[0])
+    if units == num_heads - 1:
+      out["router_format"] = "forced"
+    elif units == num_heads:
+      out["router_format"] = "all"
+    else:
+      raise ValueError(f"{key} has {units} outputs, which fits neither DyDiT router format for "
+                       f"{num_heads} heads ({num_heads - 1}: unit 0 forced on; {num_heads}: the "
+                       f"first release): pass the right num_heads")
+  if tok in sd:
+    hidden = int(sd[tok].shape[0])
+    if d % hidden:
+      raise ValueError(f"{tok} has {hidden} rows; DyDiT's token router is D -> D/r -> 1 with D={d}")
+    out["token_router_ratio"] = d // hidden
+  return out
 
 
 # --------------------------------------------------------------------------- name mapping
@@ -415,8 +450,8 @@ def params_to_state_dict(params, model=None) -> dict[str, np.ndarray]:
     mods = []
     for m in path[:-1]:
       mm = re.fullmatch(r"(.*)_(\d+)", m)
-      if mm and mm.group(1) in ("blocks", "mlp", "adaLN_modulation", "down_blocks", "up_blocks",
-                                "concat_blocks"):
+      if mm and mm.group(1) in ("blocks", "mlp", "adaLN_modulation", "mlp_head", "down_blocks",
+                                "up_blocks", "concat_blocks"):
         mods += [mm.group(1), mm.group(2)]
       else:
         mods.append(m)

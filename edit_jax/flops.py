@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 
 from edit_jax import models
 
@@ -45,6 +46,7 @@ class FlopsBreakdown:
   mlp: int = 0
   norms: int = 0
   final_linear: int = 0
+  routers: int = 0               # DyDiT routers (timestep width routers + token routers)
   token_merge: int = 0           # EDT: DownSample / UpSample / ConcatLayer linears
 
   @property
@@ -56,33 +58,76 @@ class FlopsBreakdown:
     return self.total / 1e9
 
 
+def block_flops(model: models.SiT, i: int) -> dict:
+  """Multiply-adds of block i at batch 1, by part: attention_linear (qkv + proj), attention_core,
+  mediator_extra, mlp, norms. The one per-block FLOPs model of the package (`breakdown`, DyDiT's
+  FLOPs-ratio loss and the benchmarks all use it)."""
+  d, n_tok, h, g = model.hidden_size, model.num_tokens, model.num_heads, model.grid
+  hidden = int(d * model.mlp_ratio)
+  out = dict(attention_linear=4 * n_tok * d * d, attention_core=0, mediator_extra=0,
+             mlp=2 * n_tok * d * hidden, norms=2 * 4 * n_tok * d)
+  if i in set(model.mediator_blocks):
+    n = model.mediator_num
+    out["attention_core"] = 4 * n * n_tok * d
+    out["mediator_extra"] = (n_tok * d            # adaptive average pooling of the queries
+                             + 9 * n_tok * d      # depthwise 3x3 conv on V
+                             + 2 * 4 * h * n * g * g)  # two bilinear resizes of the 7x7 tables
+  else:
+    out["attention_core"] = 2 * n_tok * n_tok * d
+  return out
+
+
+def block_costs(model: models.SiT):
+  """(attention (L,), mlp (L,)) multiply-adds per block at batch 1, float64 numpy arrays.
+
+  attention = qkv + proj + attention core (+ the mediator extras): the part that scales with the
+  number of active heads; mlp = fc1 + fc2: the part that scales with active channel groups and
+  tokens. For full attention these are DyDiT's per-block constants, e.g. DiT-XL/2 at 256 px:
+  1.50995 and 2.71791 GMACs (4ND^2 + 2N^2D and 8ND^2).
+  """
+  attn, mlp = [], []
+  for i in range(model.depth):
+    b = block_flops(model, i)
+    attn.append(b["attention_linear"] + b["attention_core"] + b["mediator_extra"])
+    mlp.append(b["mlp"])
+  return np.asarray(attn, np.float64), np.asarray(mlp, np.float64)
+
+
 def breakdown(model) -> FlopsBreakdown:
-  """Analytic multiply-add count of `model` (a SiT or an EDT) per forward pass at batch 1."""
+  """Analytic multiply-add count of `model` (a SiT, DyDiT or EDT) per forward pass at batch 1.
+
+  DyDiT models (`edit_jax.models.dydit`) are counted at full width (every gate on) plus their
+  routers; `dynamic_gflops` gives the cost at given active fractions."""
   model.validate()
   if models.arch_of(model) == "edt":
     return edt_breakdown(model)
   d, n_tok, p, c = model.hidden_size, model.num_tokens, model.patch_size, model.in_channels
-  h, g = model.num_heads, model.grid
-  hidden = int(d * model.mlp_ratio)
-  med_blocks = set(model.mediator_blocks)
   f = FlopsBreakdown()
   f.patch_embed = n_tok * d * c * p * p
   f.conditioning = 256 * d + d * d + model.depth * d * 6 * d + d * 2 * d
   for i in range(model.depth):
-    f.attention_linear += 4 * n_tok * d * d
-    f.mlp += 2 * n_tok * d * hidden
-    f.norms += 2 * 4 * n_tok * d
-    if i in med_blocks:
-      n = model.mediator_num
-      f.attention_core += 4 * n * n_tok * d
-      f.mediator_extra += n_tok * d            # adaptive average pooling of the queries
-      f.mediator_extra += 9 * n_tok * d        # depthwise 3x3 conv on V
-      f.mediator_extra += 2 * 4 * h * n * g * g  # two bilinear resizes of the 7x7 tables
-    else:
-      f.attention_core += 2 * n_tok * n_tok * d
+    b = block_flops(model, i)
+    f.attention_linear += b["attention_linear"]
+    f.attention_core += b["attention_core"]
+    f.mediator_extra += b["mediator_extra"]
+    f.mlp += b["mlp"]
+    f.norms += b["norms"]
   f.norms += 4 * n_tok * d
   f.final_linear = n_tok * d * p * p * model.out_channels
+  router_flops = getattr(model, "router_flops", None)
+  if router_flops is not None:
+    f.routers = int(router_flops())
   return f
+
+
+def dynamic_gflops(model: models.SiT, head_frac, group_frac, token_frac) -> float:
+  """GFLOPs per forward at batch 1 when block l runs head_frac[l] of its heads and group_frac[l]
+  of its MLP groups on token_frac[l] of its tokens (each (L,) or a scalar). DyDiT's accounting:
+  attention scales with heads, the MLP with groups x tokens; everything else is unchanged."""
+  attn, mlp = block_costs(model)
+  saved = (attn * (1 - np.asarray(head_frac, np.float64))
+           + mlp * (1 - np.asarray(group_frac, np.float64) * np.asarray(token_frac, np.float64)))
+  return (breakdown(model).total - float(saved.sum())) / 1e9
 
 
 def edt_breakdown(model) -> FlopsBreakdown:

@@ -74,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # Model: a name from edit_jax.models.MODEL_NAMES; size fields left at 0 come from the name.
   c.model = ml_collections.ConfigDict(dict(
+      # arch: "sit" (SiT/DiT, optional mediators), "edt", or "dydit" (SiT/DiT + routers, c.dydit)
       arch="sit", name="SiT-XL/2", input_size=32, in_channels=4, num_classes=1000,
       class_dropout_prob=0.1, learn_sigma=True, mediator_num=0, mediator_layers="all",
       attention_impl="xla", full_attention_impl="", dtype="float32", remat=False,
@@ -125,6 +126,15 @@ def default_config() -> ml_collections.ConfigDict:
       classes=IMAGENET_SAMPLE_CLASSES, per_class=2, vae_path="", seed=1, upscale=1,
       digit_accuracy=False,  # digits data: score grids with edit_jax.eval.digits' classifier
       eta=0.0, clip_denoised=False, respacing=""))  # objective="gaussian" (method ddpm / ddim)
+  # DyDiT (model.arch = "dydit", edit_jax.models.dydit / edit_jax.diffusion.dydit): router options
+  # and the fine-tuning loss; init_from a trained SiT/DiT (its routers start fresh, all gates on).
+  c.dydit = ml_collections.ConfigDict(dict(
+      router_format="forced", tau=5.0, router_bias=15.0, token_bias=35.0, token_router_ratio=16,
+      width_routing=True, token_routing=True,
+      target_ratio=0.5, flops_weight=2.0, target_hold_steps=100, target_warmup_steps=1000,
+      complete_model_steps=0, t_bins=4,
+      router_lr_mult=1.0,  # routers' lr = this x the backbone's (1 = official); short runs: > 1
+      reorder=False))  # magnitude-reorder heads / MLP groups of init_from weights (spec 4.4)
   c.init_from = ""               # workdir / converted dir / .pt / .npz to initialize params from
   c.init_from_ema = True
   c.init_from_grid = 0           # token grid of init_from weights if it differs (0: infer)
@@ -149,8 +159,17 @@ def get_model(config):
   kwargs = _amm_kwargs(config)
   if arch == "edt":
     return _get_edt(config, name, mc, kwargs)
-  if arch != "sit":
-    raise ConfigError(f"model.arch={arch!r}: expected 'sit' or 'edt'")
+  if arch not in ("sit", "dydit"):
+    raise ConfigError(f"model.arch={arch!r}: expected 'sit', 'edt' or 'dydit'")
+  if arch == "dydit":
+    if kwargs.get("amm_layers", "none") != "none":
+      raise ConfigError("amm.enabled with model.arch='dydit': DyDiT blocks do not apply EDT's AMM; "
+                        "set --config.amm.enabled=False")
+    dc = config.dydit
+    kwargs.update(router_format=dc.router_format, tau=float(dc.tau),
+                  router_bias=float(dc.router_bias), token_bias=float(dc.token_bias),
+                  token_router_ratio=int(dc.token_router_ratio),
+                  width_routing=bool(dc.width_routing), token_routing=bool(dc.token_routing))
   if config.get("masked_training") is not None and config.masked_training.enabled:
     raise ConfigError("masked_training.enabled needs model.arch='edt' (EDT masks inside its "
                       "down-sampling modules; SiT has none): set --config.model.arch=edt or "
@@ -169,9 +188,23 @@ def get_model(config):
       v = v or None
     kwargs[k] = v
   try:
-    return models.build_model(name, **kwargs)
+    return models.build_model(name, arch=arch, **kwargs)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
+
+
+def dydit_loss_config(config):
+  """`edit_jax.diffusion.dydit.LossConfig` from ``config.dydit`` (raises ConfigError)."""
+  from edit_jax.diffusion import dydit as dydit_diffusion  # noqa: PLC0415
+  dc = config.dydit
+  try:
+    return dydit_diffusion.LossConfig(
+        target_ratio=float(dc.target_ratio), flops_weight=float(dc.flops_weight),
+        target_hold_steps=int(dc.target_hold_steps),
+        target_warmup_steps=int(dc.target_warmup_steps),
+        complete_model_steps=int(dc.complete_model_steps), t_bins=int(dc.t_bins)).validate()
+  except ValueError as e:
+    raise ConfigError(f"config.dydit: {e}") from e
 
 
 def _amm_kwargs(config) -> dict:
@@ -247,7 +280,7 @@ def make_loss_fn(config, model, objective):
   (``objective``: the ``Transport`` or ``GaussianDiffusion`` of `get_objective`), or EDT's
   L_full + L_masked with that objective's loss for both passes when
   ``config.masked_training.enabled`` (edit_jax.diffusion.masked; the masked pass reuses the full
-  pass's t with fresh noise)."""
+  pass's t with fresh noise). DyDiT models: `make_loss`."""
   gaussian = config.get("objective", "transport") == "gaussian"
   lib = gaussian_lib if gaussian else transport_lib
   mt = config.get("masked_training")
@@ -258,6 +291,26 @@ def make_loss_fn(config, model, objective):
     return masked.make_masked_loss_fn(
         model, lambda apply_fn: lib.make_loss_fn(model, objective, apply_fn=apply_fn), **kw)
   return lib.make_loss_fn(model, objective)
+
+
+def make_loss(config, model, objective):
+  """The trainer's loss: (loss_fn, takes_step, extra metric names).
+
+  ``config.objective`` picks the objective for every model family (``objective`` =
+  `get_objective`'s Transport or GaussianDiffusion). A DyDiT gets its fine-tuning loss on that
+  objective (diffusion loss + FLOPs-ratio loss with the target warm-up, so it takes the step, and
+  logs ``edit_jax.diffusion.dydit.LOG_KEYS``); other models `make_loss_fn`.
+  """
+  if not isinstance(model, models.DyDiT):
+    return make_loss_fn(config, model, objective), False, ()
+  from edit_jax.diffusion import dydit as dydit_diffusion  # noqa: PLC0415
+  if not model.width_routing and not model.token_routing:
+    raise ConfigError("config.dydit: width_routing and token_routing are both off: nothing to "
+                      "fine-tune; use model.arch='sit'")
+  make = (dydit_diffusion.make_gaussian_loss_fn
+          if config.get("objective", "transport") == "gaussian"
+          else dydit_diffusion.make_transport_loss_fn)
+  return make(model, objective, dydit_loss_config(config)), True, dydit_diffusion.LOG_KEYS
 
 
 def check_config(config, model: models.SiT, example_shape, num_classes: int):
@@ -283,6 +336,8 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
   if config.optim.schedule not in ("constant", "cosine", "linear"):
     raise ConfigError(f"optim.schedule={config.optim.schedule!r}: expected constant, cosine or "
                       "linear")
+  if isinstance(model, models.DyDiT):
+    dydit_loss_config(config)
   gaussian = config.get("objective", "transport") == "gaussian"
   method = str(config.sample.method)
   if config.sample.every > 0 and gaussian != (method.lower() in gaussian_lib.METHODS):
@@ -379,6 +434,13 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
     raise ConfigError(f"optim.name={name!r}: expected 'adamw' or 'adan'")
   if oc.grad_clip and oc.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
+  mult = float(config.dydit.get("router_lr_mult", 1.0)) if "dydit" in config and \
+      config.model.get("arch", "sit") == "dydit" else 1.0
+  if mult != 1.0:
+    if not mult > 0:
+      raise ConfigError(f"dydit.router_lr_mult={mult} must be > 0 (1 = the backbone's lr)")
+    from edit_jax.models import dydit  # noqa: PLC0415
+    tx = optax.chain(tx, dydit.scale_router_updates(mult))
   return tx, schedule
 
 
@@ -414,10 +476,24 @@ def ema_decay_at(step, decay: float, warmup: bool):
   return jnp.minimum(jnp.float32(decay), (1.0 + s) / (10.0 + s))
 
 
+def metrics_collection(extra=()):
+  """TrainMetrics plus the averages of ``extra`` scalar names (from the loss's aux["log"])."""
+  if not extra:
+    return metrics_lib.TrainMetrics
+  from clu import metrics as clu_metrics  # noqa: PLC0415
+  return clu_metrics.Collection.create(
+      loss=clu_metrics.Average.from_output("loss"),
+      grad_norm=clu_metrics.Average.from_output("grad_norm"),
+      learning_rate=clu_metrics.LastValue.from_output("learning_rate"),
+      nonfinite=clu_metrics.Average.from_output("nonfinite"),
+      **{k: clu_metrics.Average.from_output(k) for k in extra})
+
+
 def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps: int = 1,
                     ema_decay: float = 0.9999, ema_warmup: bool = False,
                     batch_axes=sharding_lib.BATCH, donate: bool = True,
-                    metrics_fn: Callable | None = None):
+                    metrics_fn: Callable | None = None, loss_takes_step: bool = False,
+                    extra_metrics=()):
   """The jitted train step ``(state, batch, rng_base) -> (state, TrainMetrics)``.
 
   metrics_fn(loss=, grad_norm=, learning_rate=, nonfinite=) builds the step's metrics from scalars;
@@ -425,6 +501,8 @@ def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps:
   of scalars and needs no clu (benchmarks/device_check.py on machines without it).
 
   batch: {"x": (G, H, W, C) float32, "y": (G,) int32}, sharded over ``batch_axes``.
+  loss_takes_step: call ``loss_fn(params, x, y, rng, step)`` (DyDiT's target warm-up).
+  extra_metrics: names of scalars in the loss's ``aux["log"]`` to average into the metrics.
   The per-step rng is ``fold_in(rng_base, state.step)`` (micro-batch i: fold_in(that, i)).
   With ``grad_accum_steps = k`` the batch is split into k micro-batches (rows i, i+k, ...), their
   gradients are averaged in a ``lax.scan``, then one optimizer update is applied.
@@ -435,11 +513,17 @@ def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps:
   k = int(grad_accum_steps)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  def extra_of(aux):
+    log = aux.get("log", {}) if isinstance(aux, dict) else {}
+    return {n: jnp.asarray(log[n], jnp.float32) for n in extra_metrics}
+
   def step_fn(state: TrainState, batch, rng_base):
     rng = jax.random.fold_in(rng_base, state.step)
     x, y = batch["x"], batch["y"]
+    step_arg = (state.step,) if loss_takes_step else ()
     if k == 1:
-      (loss, _), grads = grad_fn(state.params, x, y, rng)
+      (loss, aux), grads = grad_fn(state.params, x, y, rng, *step_arg)
+      extras = extra_of(aux)
     else:
       def split(a):  # (G, ...) -> (k, G/k, ...); micro-batch i = rows i, i+k, ... (device-local)
         a = a.reshape((a.shape[0] // k, k) + a.shape[1:])
@@ -447,16 +531,19 @@ def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps:
         return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(None, batch_axes)))
 
       def body(carry, inp):
-        g_acc, l_acc = carry
+        g_acc, l_acc, e_acc = carry
         xi, yi, i = inp
-        (li, _), gi = grad_fn(state.params, xi, yi, jax.random.fold_in(rng, i))
-        return (jax.tree.map(jnp.add, g_acc, gi), l_acc + li), None
+        (li, ai), gi = grad_fn(state.params, xi, yi, jax.random.fold_in(rng, i), *step_arg)
+        return (jax.tree.map(jnp.add, g_acc, gi), l_acc + li,
+                jax.tree.map(jnp.add, e_acc, extra_of(ai))), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0)),
-                                      (split(x), split(y), jnp.arange(k)))
+      e0 = {n: jnp.float32(0.0) for n in extra_metrics}
+      (grads, loss, extras), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0), e0),
+                                              (split(x), split(y), jnp.arange(k)))
       grads = jax.tree.map(lambda g: g / k, grads)
       loss = loss / k
+      extras = {n: v / k for n, v in extras.items()}
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -464,9 +551,9 @@ def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps:
     ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
-    m = (metrics_fn or metrics_lib.TrainMetrics.single_from_model_output)(
+    m = (metrics_fn or metrics_collection(tuple(extra_metrics)).single_from_model_output)(
         loss=loss, grad_norm=grad_norm, learning_rate=jnp.asarray(schedule(state.step)),
-        nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32))
+        nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32), **extras)
     return new_state, m
 
   return jax.jit(step_fn, in_shardings=(shardings, {"x": bsh, "y": bsh}, rep),
@@ -728,6 +815,14 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
       logging.warning("init_from: %d source tensors are not used by this model: %s",
                       len(report["unused"]), ", ".join(report["unused"]))
     params = merged
+    if isinstance(model, models.DyDiT) and config.dydit.reorder:
+      from edit_jax.models import dydit  # noqa: PLC0415
+      host = jax.tree.map(np.asarray, jax.device_get(params))
+      host, (hp, gp) = dydit.reorder_units(model, host)
+      params = jax.tree.map(lambda src, like: ckpt_lib.place_like(np.asarray(src), like),
+                            host, params)
+      logging.info("dydit.reorder: heads and MLP groups of every block sorted by magnitude "
+                   "(block 0 head order %s, group order %s)", hp[0].tolist(), gp[0].tolist())
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)(params)
     state = state.replace(params=params, opt_state=opt_state, ema_params=ema)
@@ -796,11 +891,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if meta is not None and int(meta.get("data_position", start)) != start:
       logging.warning("checkpoint data_position %s != step %d; following the step",
                       meta.get("data_position"), start)
-    loss_fn = make_loss_fn(config, model, transport)
+    loss_fn, takes_step, extra_metrics = make_loss(config, model, transport)
     step_fn = make_train_step(loss_fn, tx, schedule, mesh, shardings,
                               grad_accum_steps=config.grad_accum_steps,
                               ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
-                              batch_axes=sharding_lib.BATCH)
+                              batch_axes=sharding_lib.BATCH, loss_takes_step=takes_step,
+                              extra_metrics=extra_metrics)
     bsh = sharding_lib.batch_sharding(mesh)
     sampler = vae_state = None
     if config.sample.every > 0:
@@ -910,6 +1006,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           eta = (total - step) / max(scalars["steps_per_sec"], 1e-9)
           if is_main:
             logging.info(metrics_lib.progress_line(step, total, scalars, eta))
+            if extra_metrics:
+              logging.info("step %d: %s", step, ", ".join(
+                  f"{n} {scalars[n]:.4f}" for n in extra_metrics if n in scalars))
             writer.scalars(step, scalars)
           last_scalars = scalars
           acc, steps_since = None, 0
@@ -1007,5 +1106,5 @@ __all__ = [
     "TrainState", "default_config", "get_model", "get_transport", "get_diffusion",
     "get_objective", "make_optimizer",
     "create_train_state", "make_train_step", "train_and_evaluate", "resize_mediator_params",
-    "maybe_initialize_distributed", "state_shardings", "ConfigError",
+    "maybe_initialize_distributed", "state_shardings", "ConfigError", "make_loss",
 ]

@@ -150,3 +150,15 @@ def test_quickstart_figures_match_json_and_config():
   assert any(sm == r["sampler"] and a == r["accuracy"] for sm, a in tried)  # same weights
   # docs/results.md (rendered from report JSON) names the quickstart's step budget
   assert _json("report_quality.json")["train_config"]["quickstart_steps"] == c.num_train_steps
+
+
+def test_dydit_block_matches_json():
+  """docs/dydit.md's measured section is exactly what benchmarks/dydit_speed.py renders from the
+  committed JSONs (and each JSON names the command and the study script runs it)."""
+  from benchmarks import dydit_speed  # noqa: PLC0415
+  text = _doc("dydit.md")
+  assert dydit_speed.MARK in text and dydit_speed.END in text
+  assert dydit_speed.render(check=True), "rerun: python benchmarks/dydit_speed.py render"
+  study = (ROOT / "benchmarks" / "dydit_study.sh").read_text()
+  for name in (dydit_speed.DIGITS_JSON, dydit_speed.SYNTHETIC_JSON):
+    assert f"--out {name}" in study

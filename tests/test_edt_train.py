@@ -85,7 +85,7 @@ def test_get_model_dispatch_and_fields():
     ({"model.arch": "sit", "model.name": "SiT-S/2", "masked_training.enabled": False},
      "stage_depths is an EDT field"),
     ({"model.name": "SiT-S/2"}, "with model.arch='edt'"),
-    ({"model.arch": "dit"}, "expected 'sit' or 'edt'"),
+    ({"model.arch": "dit"}, "expected 'sit', 'edt' or 'dydit'"),
     ({"masked_training.mid_mask": "maybe"}, "mid_mask"),
     ({"model.stage_dims": (16, 24, 20)}, "width of encoder stage"),
     ({"masked_training.ratios": ((0.4, 0.5), (0.1, 0.2))}, "one \\(lo, hi\\) pair"),

@@ -190,11 +190,21 @@ def step_noise(keys, k, shape):
 
 
 # --------------------------------------------------------------------------- one step
+def _eval_fn(model_fn, e: int) -> Callable:
+  """The model function of evaluation e of a step: `model_fn` may be one function or a sequence
+  with one function per evaluation (e.g. DyDiT's narrowed models, whose width depends on t)."""
+  if isinstance(model_fn, (list, tuple)):
+    return model_fn[e]
+  return model_fn
+
+
 def make_step(transport: Transport, cfg: SamplerConfig) -> Callable:
   """`step(model_fn, x, y, t, dt, noise, is_last=None) -> x_next` for a fixed-step sampler
   (a Gaussian DDPM/DDIM config dispatches to `gaussian.make_step`: t is then the chain index).
 
   t, dt: scalars; noise: (B, H, W, C) standard normal (SDE) or None (ODE).
+  model_fn: one function, or a sequence with one function per network evaluation of the step
+  (evaluation 0 at t, evaluation 1 at t + dt for the Heun methods).
   `is_last` (SDE only): None -> a regular step; a traced bool -> the SDE last step when true (then
   t = t1 and dt = last_step_size), computed from the same first evaluation (used by the dynamic
   sampler so that one compiled function serves every step).
@@ -215,11 +225,11 @@ def make_step(transport: Transport, cfg: SamplerConfig) -> Callable:
   if cfg.kind == "ode":
     if cfg.method == "euler":
       def step(model_fn, x, y, t, dt, noise=None, is_last=None):
-        return x + dt * ode_f(model_fn, x, y, t)
+        return x + dt * ode_f(_eval_fn(model_fn, 0), x, y, t)
     else:  # heun2 (torchdiffeq tableau: c = [0, 1], b = [1/2, 1/2])
       def step(model_fn, x, y, t, dt, noise=None, is_last=None):
-        k1 = ode_f(model_fn, x, y, t)
-        k2 = ode_f(model_fn, x + dt * k1, y, t + dt)
+        k1 = ode_f(_eval_fn(model_fn, 0), x, y, t)
+        k2 = ode_f(_eval_fn(model_fn, 1), x + dt * k1, y, t + dt)
         return x + dt * (0.5 * k1 + 0.5 * k2)
     return step
 
@@ -236,7 +246,7 @@ def make_step(transport: Transport, cfg: SamplerConfig) -> Callable:
 
   if cfg.method == "Euler":
     def step(model_fn, x, y, t, dt, noise, is_last=None):
-      drift, score, w = evaluate(model_fn, x, y, t)
+      drift, score, w = evaluate(_eval_fn(model_fn, 0), x, y, t)
       x_next = x + (drift + w * score) * dt + jnp.sqrt(2 * w) * (noise * jnp.sqrt(dt))
       if is_last is None:
         return x_next
@@ -247,11 +257,11 @@ def make_step(transport: Transport, cfg: SamplerConfig) -> Callable:
     xhat = x + jnp.sqrt(2 * w_fn(x, t)) * (noise * jnp.sqrt(dt))
     if is_last is not None:
       xhat = jnp.where(is_last, x, xhat)
-    d1, s1, w1 = evaluate(model_fn, xhat, y, t)
+    d1, s1, w1 = evaluate(_eval_fn(model_fn, 0), xhat, y, t)
     k1 = d1 + w1 * s1
 
     def second(_):
-      d2, s2, w2 = evaluate(model_fn, xhat + dt * k1, y, t + dt)
+      d2, s2, w2 = evaluate(_eval_fn(model_fn, 1), xhat + dt * k1, y, t + dt)
       return xhat + 0.5 * dt * (k1 + (d2 + w2 * s2))
 
     if is_last is None:

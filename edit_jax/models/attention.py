@@ -154,6 +154,15 @@ class DepthwiseConv3x3(nn.Module):
     return out
 
 
+def apply_head_gate(o, head_gate):
+  """o (B, N, h, hd) times a per-head gate: (B, h) (per sample) or (h,) (whole batch)."""
+  if head_gate is None:
+    return o
+  g = jnp.asarray(head_gate, o.dtype)
+  g = g[:, None, :, None] if g.ndim == 2 else g[None, None, :, None]
+  return o * g
+
+
 class FullAttention(nn.Module):
   """timm `Attention(D, heads, qkv_bias=True)` via `jax.nn.dot_product_attention`.
 
@@ -161,27 +170,35 @@ class FullAttention(nn.Module):
   "cudnn" = cuDNN flash attention on GPU). `amm`: None, or EDT's (N, N) attention modulation
   matrix (a numpy constant, `edit_jax.models.amm`), applied after the softmax in `amm_mode`
   ("post_softmax" or the equivalent "log_bias" form that keeps dot_product_attention).
+  head_dim: per-head width (default D / num_heads). A *narrowed* layer (DyDiT sparse inference,
+  `edit_jax.models.dydit`) keeps head_dim = D / H of the full layer with num_heads = k < H active
+  heads: qkv (D, 3 k hd) with columns [q | k | v], each head-major; proj (k hd, D).
+  head_gate (optional, call argument): (B, h) or (h,) multiplies each head's output before proj
+  (DyDiT's timestep-wise head mask).
   """
   dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: str | None = None
   amm_mode: str = "post_softmax"
+  head_dim: int | None = None
 
   @nn.compact
-  def __call__(self, x, amm=None):
+  def __call__(self, x, amm=None, head_gate=None):
     from edit_jax.models import amm as amm_lib  # noqa: PLC0415  (amm imports nothing from here)
     b, n, d = x.shape
     h = self.num_heads
-    qkv = dense(3 * d, "qkv", ("embed", "qkv"), self.dtype)(x)
-    q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)
+    hd = self.head_dim or d // h
+    qkv = dense(3 * h * hd, "qkv", ("embed", "qkv"), self.dtype)(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, h, hd), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     if amm is None:
       o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     else:
       o = amm_lib.amm_attention(q, k, v, amm, None, self.amm_mode, self.implementation)
     maybe_sow_attention(self, lambda: amm_lib.attention_probs(q, k, None, amm))
-    return dense(d, "proj", ("heads_merged", "embed"), self.dtype)(o.reshape(b, n, d))
+    o = apply_head_gate(o, head_gate)
+    return dense(d, "proj", ("heads_merged", "embed"), self.dtype)(o.reshape(b, n, h * hd))
 
 
 class MediatorAttention(nn.Module):
@@ -189,6 +206,9 @@ class MediatorAttention(nn.Module):
 
   x: (B, N, D) with N = grid * grid tokens in row-major order -> (B, N, D).
   impl: "xla" runs the jnp reference core, "pallas" the fused kernel (edit_jax.kernels).
+  head_dim / head_gate: as `FullAttention` (a narrowed layer has k heads: qkv (D, 3 k hd), the
+  per-head bias tables and the depthwise conv over the k hd value channels, proj (k hd, D)). The
+  gate multiplies each head's output (mediator output + depthwise-conv term) before proj.
   """
   dim: int
   num_heads: int
@@ -196,6 +216,11 @@ class MediatorAttention(nn.Module):
   mediator_num: int
   dtype: Dtype = jnp.float32
   impl: str = "xla"
+  head_dim: int | None = None
+
+  @property
+  def inner_dim(self) -> int:
+    return self.num_heads * (self.head_dim or self.dim // self.num_heads)
 
   def setup(self):
     h, n, g = self.num_heads, self.mediator_num, self.grid
@@ -209,9 +234,9 @@ class MediatorAttention(nn.Module):
     self.aw_bias = p("aw_bias", (1, h, n, 1, g))
     self.ha_bias = p("ha_bias", (1, h, g, 1, n))
     self.wa_bias = p("wa_bias", (1, h, 1, g, n))
-    self.qkv = dense(3 * self.dim, "qkv", ("embed", "qkv"), self.dtype)
+    self.qkv = dense(3 * self.inner_dim, "qkv", ("embed", "qkv"), self.dtype)
     self.proj = dense(self.dim, "proj", ("heads_merged", "embed"), self.dtype)
-    self.dwc = DepthwiseConv3x3(self.dim, dtype=self.dtype, name="dwc")
+    self.dwc = DepthwiseConv3x3(self.inner_dim, dtype=self.dtype, name="dwc")
 
   def biases(self):
     """Position biases (bias1 (h, n, N), bias2 (h, N, n)) in float32; depend on params only."""
@@ -228,11 +253,12 @@ class MediatorAttention(nn.Module):
     self.put_variable(CACHE, "bias1", b1)
     self.put_variable(CACHE, "bias2", b2)
 
-  def __call__(self, x):
-    b, num, d = x.shape
+  def __call__(self, x, head_gate=None):
+    b, num, _ = x.shape
     h, g, s = self.num_heads, self.grid, self.pool_size
     if num != g * g:
       raise ValueError(f"MediatorAttention built for a {g}x{g} grid ({g * g} tokens) got {num} tokens")
+    d = self.inner_dim
     hd = d // h
     qkv = self.qkv(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
@@ -247,6 +273,8 @@ class MediatorAttention(nn.Module):
     maybe_sow_attention(self, lambda: _mediator_effective_attention(
         q.reshape(b, num, h, hd), k.reshape(b, num, h, hd), m, bias1, bias2, hd ** -0.5))
     o = o.reshape(b, num, d) + self.dwc(v.reshape(b, g, g, d)).reshape(b, num, d)
+    if head_gate is not None:
+      o = apply_head_gate(o.reshape(b, num, h, hd), head_gate).reshape(b, num, d)
     return self.proj(o)
 
 

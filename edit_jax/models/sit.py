@@ -159,20 +159,40 @@ class LabelEmbedder(nn.Module):
     return jnp.take(table, y, axis=0)
 
 
+def apply_group_gate(h, group_gate):
+  """h (..., hidden) times a per-channel-group gate: (B, G) per sample (h is (B, ..., hidden)) or
+  (G,) for every row. Group u covers the contiguous channels [u hidden/G, (u+1) hidden/G)."""
+  if group_gate is None:
+    return h
+  g = jnp.asarray(group_gate, h.dtype)
+  g = jnp.repeat(g, h.shape[-1] // g.shape[-1], axis=-1)
+  if g.ndim == 2:
+    g = g.reshape(g.shape[:1] + (1,) * (h.ndim - 2) + g.shape[1:])
+  return h * g
+
+
 class Mlp(nn.Module):
+  """fc1 -> tanh-GELU -> fc2. `group_gate` (optional call argument, DyDiT's MLP-group mask): (B, G)
+  or (G,) multiplies fc1's outputs in G contiguous channel groups before the GELU."""
   hidden: int
   out: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, group_gate=None):
     x = attn_lib.dense(self.hidden, "fc1", ("embed", "mlp"), self.dtype)(x)
+    x = apply_group_gate(x, group_gate)
     x = nn.gelu(x, approximate=True)
     return attn_lib.dense(self.out, "fc2", ("mlp", "embed"), self.dtype)(x)
 
 
 class SiTBlock(nn.Module):
-  """adaLN-Zero transformer block; attention is full or mediator by `mediator_num` (0 = full)."""
+  """adaLN-Zero transformer block; attention is full or mediator by `mediator_num` (0 = full).
+
+  active_heads / active_hidden (0 = all): a *narrowed* block that holds only k of the num_heads
+  heads (each D / num_heads wide) and an MLP hidden layer of that many channels; its parameters are
+  slices of the full block's (used by DyDiT's sparse inference, `edit_jax.models.dydit`).
+  """
   hidden_size: int
   num_heads: int
   grid: int
@@ -184,17 +204,21 @@ class SiTBlock(nn.Module):
   amm_k: float = 0.5
   amm_period_factor: float = 4.0
   dtype: Dtype = jnp.float32
+  active_heads: int = 0
+  active_hidden: int = 0
 
   def setup(self):
     d = self.hidden_size
+    heads, hd = self.active_heads or self.num_heads, d // self.num_heads
     if self.mediator_num:
-      self.attn = attn_lib.MediatorAttention(d, self.num_heads, self.grid, self.mediator_num,
-                                             dtype=self.dtype, impl=self.attention_impl)
+      self.attn = attn_lib.MediatorAttention(d, heads, self.grid, self.mediator_num,
+                                             dtype=self.dtype, impl=self.attention_impl,
+                                             head_dim=hd)
     else:
-      self.attn = attn_lib.FullAttention(d, self.num_heads, dtype=self.dtype,
+      self.attn = attn_lib.FullAttention(d, heads, dtype=self.dtype,
                                          implementation=self.full_attention_impl,
-                                         amm_mode=self.amm_mode)
-    self.mlp = Mlp(int(d * self.mlp_ratio), d, dtype=self.dtype)
+                                         amm_mode=self.amm_mode, head_dim=hd)
+    self.mlp = Mlp(self.active_hidden or int(d * self.mlp_ratio), d, dtype=self.dtype)
     self.adaLN_modulation_1 = attn_lib.dense(6 * d, "adaLN_modulation_1", ("embed", "adaln"),
                                              self.dtype, kernel_init=nn.initializers.zeros_init())
 
@@ -428,20 +452,30 @@ class SiT(nn.Module):
     amm_lib.check_mode(self.amm_mode)
     self.amm_blocks  # noqa: B018  (validates amm_layers)
 
+  def block_class(self):
+    """The block module (rematerialized when `remat`); families built on SiT override it."""
+    return nn.remat(SiTBlock, static_argnums=(3,)) if self.remat else SiTBlock
+
+  def block_kwargs(self, i: int) -> dict:
+    """Extra constructor arguments of block i (hook for families built on SiT)."""
+    del i
+    return {}
+
   def setup(self):
     self.validate()
     d = self.hidden_size
     self.x_embedder = PatchEmbed(d, self.patch_size, dtype=self.dtype)
     self.t_embedder = TimestepEmbedder(d, dtype=self.dtype)
     self.y_embedder = LabelEmbedder(self.num_classes, d, self.class_dropout_prob)
-    block_cls = nn.remat(SiTBlock, static_argnums=(3,)) if self.remat else SiTBlock
+    block_cls = self.block_class()
     med = set(self.mediator_blocks)
     self.blocks = [
         block_cls(d, self.num_heads, self.grid, self.mlp_ratio,
                   mediator_num=self.mediator_num if i in med else 0,
                   attention_impl=self.attention_impl, full_attention_impl=self.full_attention_impl,
                   amm_mode=self.amm_mode, amm_k=self.amm_k,
-                  amm_period_factor=self.amm_period_factor, dtype=self.dtype, name=f"blocks_{i}")
+                  amm_period_factor=self.amm_period_factor, dtype=self.dtype, name=f"blocks_{i}",
+                  **self.block_kwargs(i))
         for i in range(self.depth)
     ]
     self.final_layer = FinalLayer(d, self.patch_size, self.out_channels, dtype=self.dtype)
@@ -506,28 +540,51 @@ def parse_model_name(name: str) -> dict:
   return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
 
 
-def build_model(name: str = "SiT-XL/2", **overrides) -> SiT:
+# Model families built on this backbone: arch name -> module class (see `register_family`).
+FAMILIES: dict = {}
+
+
+def register_family(arch: str, cls) -> None:
+  """Makes `build_model(arch=...)` / `model_from_config` build `cls` (a SiT subclass)."""
+  FAMILIES[arch] = cls
+
+
+def family_of(model) -> str:
+  for arch, cls in FAMILIES.items():
+    if type(model) is cls:
+      return arch
+  raise ValueError(f"{type(model).__name__} is not a registered model family ({sorted(FAMILIES)})")
+
+
+def build_model(name: str = "SiT-XL/2", arch: str = "sit", **overrides) -> SiT:
   """A SiT by name ('SiT-S/2' ... 'SiT-XL/8'), with any field overridden.
 
+  arch: the model family ("sit", or one registered with `register_family`, e.g. "dydit");
+  the size names are shared by every family.
   Example: build_model("SiT-S/2", input_size=32, mediator_num=16).
   """
+  if arch not in FAMILIES:
+    raise ValueError(f"unknown model arch {arch!r}: expected one of {sorted(FAMILIES)}")
+  cls = FAMILIES[arch]
   kwargs = parse_model_name(name) if name else {}
   kwargs.update(overrides)
-  fields = {f.name for f in dataclasses.fields(SiT)} - {"parent", "name"}
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   unknown = set(kwargs) - fields
   if unknown:
-    raise ValueError(f"unknown SiT options {sorted(unknown)}; valid: {sorted(fields)}")
+    raise ValueError(f"unknown {cls.__name__} options {sorted(unknown)}; valid: {sorted(fields)}")
   if "amm_layers" in kwargs:
     kwargs["amm_layers"] = amm_lib.parse_layers(kwargs["amm_layers"])
-  model = SiT(**kwargs)
+  model = cls(**kwargs)
   model.validate()
   return model
 
 
 def model_config(model: SiT) -> dict:
-  """JSON-serialisable constructor arguments of `model` (inverse: `SiT(**cfg)`)."""
+  """JSON-serialisable constructor arguments of `model` (inverse: `model_from_config`).
+
+  Families other than plain SiT add "arch" (the family name)."""
   out = {}
-  for f in dataclasses.fields(SiT):
+  for f in dataclasses.fields(type(model)):
     if f.name in ("parent", "name"):
       continue
     v = getattr(model, f.name)
@@ -536,18 +593,22 @@ def model_config(model: SiT) -> dict:
     elif isinstance(v, tuple):
       v = list(v)
     out[f.name] = v
+  arch = family_of(model)
+  if arch != "sit":
+    out["arch"] = arch
   return out
 
 
 def model_from_config(cfg: dict) -> SiT:
   cfg = dict(cfg)
+  arch = cfg.pop("arch", "sit")
   if "dtype" in cfg and isinstance(cfg["dtype"], str):
     cfg["dtype"] = jnp.dtype(cfg["dtype"])
   if isinstance(cfg.get("mediator_layers"), list):
     cfg["mediator_layers"] = tuple(cfg["mediator_layers"])
   if isinstance(cfg.get("amm_layers"), list):
     cfg["amm_layers"] = tuple(cfg["amm_layers"])
-  return build_model(None, **cfg)
+  return build_model(None, arch=arch, **cfg)
 
 
 def dummy_inputs(model: SiT, batch: int = 1):
@@ -589,3 +650,6 @@ def precompute_mediator_biases(model: SiT, params) -> dict:
 
 def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+register_family("sit", SiT)

@@ -6,7 +6,8 @@ official PyTorch model (with `TIMM_FUSED_ATTN=0` so the attention matmuls are vi
   linear / conv / matmul           in * out multiply-adds per output position
   layer_norm (no affine)           4 per element
   adaptive_avg_pool2d              1 per input element
-  upsample_bilinear2d              4 per output element
+  upsample_bilinear2d              4 per output element (elastic mediators: also the resize of
+                                   the R x R mediator axes of the bias tables to sqrt(n))
   elementwise ops, softmax, GELU,  not counted
   embedding lookups, bias adds
 
@@ -68,6 +69,9 @@ def breakdown(model: models.SiT) -> FlopsBreakdown:
       f.mediator_extra += n_tok * d            # adaptive average pooling of the queries
       f.mediator_extra += 9 * n_tok * d        # depthwise 3x3 conv on V
       f.mediator_extra += 2 * 4 * h * n * g * g  # two bilinear resizes of the 7x7 tables
+      r = getattr(model, "elastic_grid", 0)
+      if r and r * r != n:  # elastic: the R x R mediator axes of the six tables resized to sqrt(n)
+        f.mediator_extra += 4 * (2 * h * n * 49 + 4 * h * n * g)
     else:
       f.attention_core += 2 * n_tok * n_tok * d
   f.norms += 4 * n_tok * d

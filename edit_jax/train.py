@@ -45,6 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from edit_jax import checkpoint as ckpt_lib
 from edit_jax import data as data_lib
+from edit_jax import elastic as elastic_lib
 from edit_jax import metrics as metrics_lib
 from edit_jax import models
 from edit_jax import sharding as sharding_lib
@@ -74,7 +75,11 @@ def default_config() -> ml_collections.ConfigDict:
       name="SiT-XL/2", input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
       learn_sigma=True, mediator_num=0, mediator_layers="all", attention_impl="xla",
       full_attention_impl="", dtype="float32", remat=False,
-      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0))
+      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0, elastic_grid=0))
+  # Elastic mediators (edit_jax.elastic; needs model.elastic_grid > 0): the mediator counts to
+  # train, e.g. "4,16,64" ("" = static: model.mediator_num only); mode "uniform" (one n per step)
+  # or "sandwich" (smallest + largest + num_random between, every step).
+  c.elastic = ml_collections.ConfigDict(dict(mediators="", mode="uniform", num_random=1))
   c.transport = ml_collections.ConfigDict(dict(
       path_type="Linear", prediction="velocity", loss_weight="none",
       train_eps=-1.0, sample_eps=-1.0))  # < 0: the official defaults
@@ -161,6 +166,10 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
   if config.optim.schedule not in ("constant", "cosine", "linear"):
     raise ConfigError(f"optim.schedule={config.optim.schedule!r}: expected constant, cosine or "
                       "linear")
+  try:
+    elastic_lib.check_config(config, model)
+  except ValueError as e:
+    raise ConfigError(f"config.elastic: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,6 +456,7 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
     src_model, src_params, desc = ckpt_lib.load_init_params(
         config.init_from, ema=config.init_from_ema, num_heads=model.num_heads)
     src_grid = config.init_from_grid or (src_model.grid if src_model is not None else model.grid)
+    src_params, src_grid = elastic_lib.adapt_init_params(src_model, src_params, model, src_grid)
     merged, report = ckpt_lib.merge_params(state.params, src_params, src_grid=src_grid,
                                            dst_grid=model.grid, place=ckpt_lib.place_like)
     logging.info("init_from %s: loaded %d tensors%s", desc, len(report["loaded"]),
@@ -510,11 +520,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if meta is not None and int(meta.get("data_position", start)) != start:
       logging.warning("checkpoint data_position %s != step %d; following the step",
                       meta.get("data_position"), start)
-    loss_fn = transport_lib.make_loss_fn(model, transport)
-    step_fn = make_train_step(loss_fn, tx, schedule, mesh, shardings,
-                              grad_accum_steps=config.grad_accum_steps,
-                              ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
-                              batch_axes=sharding_lib.BATCH)
+    # One jitted step (static), or one per mediator-count tuple (elastic), picked per step.
+    step_for = elastic_lib.step_selector(config, model, transport, lambda loss_fn: make_train_step(
+        loss_fn, tx, schedule, mesh, shardings, grad_accum_steps=config.grad_accum_steps,
+        ema_decay=config.ema_decay, ema_warmup=config.ema_warmup, batch_axes=sharding_lib.BATCH))
     bsh = sharding_lib.batch_sharding(mesh)
     writer = metrics_lib.Writer(str(wd / "tensorboard"), enabled=is_main)
     if is_main:
@@ -525,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    _gflops(model), dict(mesh.shape), config.global_batch_size)
       writer.text(start, "config", "```\n" + str(config) + "\n```")
 
-    flops_per_image = 2.0 * 3.0 * _gflops(model) * 1e9
+    flops_per_image = 2.0 * 3.0 * step_for.forward_gflops() * 1e9
     peak = metrics_lib.peak_tflops_per_device(override=config.peak_tflops_per_device)
     total = int(config.num_train_steps)
     sampler = vae_state = None
@@ -588,7 +597,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       while step < total:
         batch = data_lib.to_global(next(it), bsh)
-        state, m = step_fn(state, batch, train_rng)
+        state, m = step_for(step)(state, batch, train_rng)
         acc = m if acc is None else acc.merge(m)
         step += 1
         steps_since += 1

@@ -139,12 +139,14 @@ class SiTBlock(nn.Module):
   attention_impl: str = "xla"
   full_attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
+  elastic_grid: int = 0
 
   def setup(self):
     d = self.hidden_size
     if self.mediator_num:
       self.attn = attn_lib.MediatorAttention(d, self.num_heads, self.grid, self.mediator_num,
-                                             dtype=self.dtype, impl=self.attention_impl)
+                                             dtype=self.dtype, impl=self.attention_impl,
+                                             elastic_grid=self.elastic_grid)
     else:
       self.attn = attn_lib.FullAttention(d, self.num_heads, dtype=self.dtype,
                                          implementation=self.full_attention_impl)
@@ -234,6 +236,9 @@ class SiT(nn.Module):
     attention_impl: "xla" (jnp reference) or "pallas" (fused kernel) for mediator layers.
     full_attention_impl: `implementation` for jax.nn.dot_product_attention (None, "xla", "cudnn").
     dtype: compute dtype (params stay float32). remat: rematerialize each block in training.
+    elastic_grid: 0 = the official per-n mediator bias tables; R > 0 = elastic mediators: tables
+      over an R x R reference mediator grid, so the same parameters run at any `mediator_num`
+      (`model.clone(mediator_num=n)`; see edit_jax.elastic).
   """
   input_size: int = 32
   patch_size: int = 2
@@ -251,6 +256,7 @@ class SiT(nn.Module):
   full_attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   remat: bool = False
+  elastic_grid: int = 0
 
   @property
   def out_channels(self) -> int:
@@ -283,6 +289,13 @@ class SiT(nn.Module):
       raise ValueError(f"num_classes={self.num_classes} must be >= 1")
     if self.mediator_num:
       attn_lib.check_mediator_num(self.mediator_num, self.num_tokens)
+    if self.elastic_grid:
+      if int(self.elastic_grid) != self.elastic_grid or self.elastic_grid < 1:
+        raise ValueError(f"elastic_grid={self.elastic_grid} must be a positive int (the side R of "
+                         f"the R x R reference mediator grid) or 0 for static mediators")
+      if not self.mediator_num:
+        raise ValueError(f"elastic_grid={self.elastic_grid} needs mediators: set mediator_num to "
+                         f"the count to run at (e.g. {self.elastic_grid ** 2})")
     self.mediator_blocks  # noqa: B018  (validates mediator_layers)
 
   def setup(self):
@@ -297,7 +310,8 @@ class SiT(nn.Module):
         block_cls(d, self.num_heads, self.grid, self.mlp_ratio,
                   mediator_num=self.mediator_num if i in med else 0,
                   attention_impl=self.attention_impl, full_attention_impl=self.full_attention_impl,
-                  dtype=self.dtype, name=f"blocks_{i}")
+                  dtype=self.dtype, elastic_grid=self.elastic_grid if i in med else 0,
+                  name=f"blocks_{i}")
         for i in range(self.depth)
     ]
     self.final_layer = FinalLayer(d, self.patch_size, self.out_channels, dtype=self.dtype)

@@ -466,3 +466,80 @@ def test_flops_per_n():
   each = [flops.gflops(elastic.at(el, n)) for n in (4, 16, 64)]
   assert u.forward_gflops() == pytest.approx(np.mean(each))
   assert s.forward_gflops() == pytest.approx(sum(each))
+
+
+# ----------------------------------------------------------------------------- configs, study
+def _config_module(name):
+  import importlib.util  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+  root = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location(name, root / "configs" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("preset,blocks", [("XL2", 28), ("XL2-first4", 4), ("XL2-med64", 28),
+                                           ("S2-med64", 12)])
+def test_finetune_presets_build_and_published_compute_is_current(preset, blocks):
+  import pathlib  # noqa: PLC0415
+  c = _config_module("elastic_finetune").get_config(preset)
+  model = train.get_model(c)
+  assert model.elastic_grid == 8 and len(model.mediator_blocks) == blocks
+  elastic.check_config(c, model)
+  assert c.elastic.mediators == "4,16,64" and c.init_from == ""
+  shapes = jax.tree.map(lambda a: a.shape, models.abstract_params(model))
+  assert shapes["blocks_0"]["attn"]["an_bias"] == (model.num_heads, 8, 8, 7, 7)
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/results/elastic_finetune_compute.json"
+  rows = {r["preset"]: r for r in json.loads(path.read_text())["presets"]}
+  if preset in rows:  # the figures in docs/elastic.md: regenerate the JSON if this fails
+    for n, g in rows[preset]["forward_gmacs"].items():
+      assert g == pytest.approx(flops.gflops(elastic.at(model, int(n))), rel=1e-12)
+    assert rows[preset]["uniform"]["train_gflop_per_image"] == pytest.approx(
+        6 * np.mean([flops.gflops(elastic.at(model, n)) for n in (4, 16, 64)]), rel=1e-12)
+  with pytest.raises(ValueError, match="unknown preset 'XL3'"):
+    _config_module("elastic_finetune").get_config("XL3")
+
+
+def test_study_verdicts_follow_the_numbers(tmp_path):
+  """benchmarks/elastic_study.summarize: 'within one std' and 'matches at equal GFLOPs'."""
+  from benchmarks import elastic_study  # noqa: PLC0415
+  study = _config_module("elastic_study").get_config("quick").to_dict()
+  rows = []
+  for seed, (s4, e4, s64, e64) in enumerate([(10, 11, 20, 30), (12, 12, 22, 31), (14, 13, 24, 29)]):
+    for model, fdd, n in (("static n=4", s4, 4), ("elastic n=4", e4, 4),
+                          ("static n=64", s64, 64), ("elastic n=64", e64, 64)):
+      rows.append({"seed": seed, "kind": "static", "model": model, "mediator_num": n,
+                   "fdd": fdd, "accuracy": 0.9, "gflops_per_image": n / 10})
+    for rho, g3, f3, ge, fe in (((0.9, 0.8), 5.0, 20.0, 4.0, 18.0), ((0.6, 0.4), 1.0, 10.0, 2.0,
+                                                                     40.0)):
+      rows.append({"seed": seed, "kind": "dynamic", "model": "three static", "rho": list(rho),
+                   "fdd": f3 + seed, "accuracy": 0.9, "gflops_per_image": g3,
+                   "steps_per_stage": [1.0, 2.0]})
+      rows.append({"seed": seed, "kind": "dynamic", "model": "one elastic", "rho": list(rho),
+                   "fdd": fe + seed, "accuracy": 0.9, "gflops_per_image": ge,
+                   "steps_per_stage": [1.0, 2.0]})
+  study["mediators"] = [4, 64]
+  s = elastic_study.summarize({"study": study, "rows": rows})
+  fdd = {t["n"]: t for t in s["target_elastic"] if t["metric"] == "fdd"}
+  assert fdd[4]["within"] and fdd[4]["static"] == (12.0, 2.0)
+  assert not fdd[64]["within"] and fdd[64]["diff"] == pytest.approx(8.0)
+  dyn = {tuple(t["rho"]): t for t in s["target_dynamic"]}
+  # elastic (0.9, 0.8) at 4 GFLOPs (FDD 19 +- 1) vs the three-static curve interpolated there
+  # between (1, 11) and (5, 21): 18.5 (+- 1): a match; (0.6, 0.4): 41 vs 13.5, no match
+  assert dyn[(0.9, 0.8)]["fdd_three"] == pytest.approx(18.5) and dyn[(0.9, 0.8)]["matches"]
+  assert dyn[(0.6, 0.4)]["fdd_three"] == pytest.approx(13.5) and not dyn[(0.6, 0.4)]["matches"]
+  payload = {"study": study, "rows": rows, "command": "python benchmarks/report.py --parts elastic",
+             "model": {"depth": 4, "hidden_size": 128, "patch_size": 4, "tokens": 64},
+             "classifier": {"held_out_accuracy": 0.98},
+             "real_reference": {"num": 200, "fdd": 5.0, "accuracy": 0.97},
+             "train": [{"seed": 0, "model": m, "train_gflops": g, "cpu_seconds": c,
+                        "wall_seconds": 2 * c} for m, g, c in
+                       (("static n=4", 10.0, 100.0), ("static n=64", 12.0, 110.0),
+                        ("elastic", 11.0, 105.0), ("full", 13.0, 120.0))]}
+  text = "\n".join(elastic_study.markdown(payload, "results/elastic.png", "HEADER"))
+  assert "**Target 1 not met**" in text and "n=64 fdd: static 22.0 +- 2.0" in text
+  assert "**Target 2 not met** for quality (1 of 2 comparable rho points match)" in text
+  assert "| one elastic (dynamic schedule, any n) | 1 | 0.01 | 105 | 210 |" in text
+  assert "0.50 of the three-model option's training FLOPs" in text  # 11 / (10 + 12)
+  assert elastic_study.plot(payload, tmp_path / "e.png").stat().st_size > 1000

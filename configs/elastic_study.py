@@ -1,0 +1,56 @@
+"""Elastic-mediator quality study on the embedded digits (docs/results.md, section 5).
+
+    python benchmarks/report.py --parts elastic --out docs/results.md
+    # overrides: --elastic_config configs/elastic_study.py:quick (a 2-seed, 300-step smoke run)
+
+For every seed in `seeds`, trains the quickstart model (configs/quickstart.py: 4 blocks, width
+128, 4 heads, patch 4 on 32x32 digits, 64 tokens; AdamW 3e-3 cosine, batch 32) for `train_steps`
+steps each as
+  full attention; static mediators n = 4, 16, 64 (three runs); one elastic model
+  (`edit_jax.elastic`, R = `elastic_grid`, n drawn per step from `mediators`, `elastic_mode`)
+with the same seed, initialisation and data order, and then scores (edit_jax.eval.digits: Frechet
+digit distance vs the 4,500 training digits, conditional accuracy) `eval.num_samples` EMA samples
+from the same noise and labels with one fixed-step sampler and classifier-free guidance:
+  quality   full vs static n vs the elastic model at each n (mean +- std over seeds);
+  dynamic   the step-wise schedule n = 4 -> 16 -> 64 (edit_jax.diffusion.dynamic, per sample, L1,
+            F = `first_several`) over the three static checkpoints and over the ONE elastic
+            checkpoint, for each rho pair, against static n = 64: quality vs GFLOPs per image;
+  cost      training time (CPU process time and wall) and analytic training FLOPs per option.
+Runs are cached under `runs_dir` (resumable); evaluations are cached next to each run.
+
+Sized for: the shared 2-core CPU (no accelerator). Measured cost (docs/results.md): see the
+study section; ~15 training runs of the quickstart length plus ~50 sampling evaluations.
+Expected result: every model reaches >= 80 % conditional accuracy with guidance; whether the
+elastic model matches the static ones within a seed std at each n, and whether the one-checkpoint
+schedule matches the three-checkpoint one at equal GFLOPs, is what the study measures (see
+docs/results.md for the outcome; it is not assumed here).
+"""
+import ml_collections
+
+
+def get_config(preset: str = ""):
+  c = ml_collections.ConfigDict()
+  c.seeds = (0, 1, 2)
+  c.train_steps = 1500            # the quickstart budget (configs/quickstart.py)
+  c.mediators = (4, 16, 64)
+  c.elastic_grid = 8              # R: 8 x 8 reference mediator grid (n = 64 is exact)
+  c.elastic_mode = "uniform"      # one n per step: the same training cost as one static run
+  c.elastic_default_n = 16        # n used by the elastic model's own sample grids / config
+  c.runs_dir = "runs/elastic_study"
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=500, kind="sde", method="Euler", num_steps=40, cfg_scale=3.0,
+      guide_channels=-1,          # -1: guide all channels (the quickstart setting)
+      eval_seed=0))
+  c.rho = ((0.95, 0.9), (0.9, 0.8), (0.8, 0.6), (0.7, 0.5), (0.6, 0.4))
+  c.first_several = 3
+  c.distance = "l1"
+  if preset == "quick":
+    c.seeds = (0, 1)
+    c.train_steps = 300
+    c.eval.num_samples = 200
+    c.eval.num_steps = 20
+    c.rho = ((0.9, 0.8), (0.6, 0.4))
+    c.runs_dir = "runs/elastic_study_quick"
+  elif preset:
+    raise ValueError(f"unknown preset {preset!r}: '' (the study) or 'quick'")
+  return c

@@ -173,22 +173,21 @@ class Scorer:
     return {"num": int(idx.size), **self.score(self.held_x[idx], self.held_y[idx])}
 
 
-def sample_schedule(study, models_, params, rule_ratios, x0, y, keys):
-  """DynamicSampler over (models_, params): returns (images, summary dict)."""
-  import numpy as np  # noqa: PLC0415
+def make_sampler(study, models_, params, rule_ratios, batch: int):
+  """A DynamicSampler over (models_, params) with the study's sampler and guidance (one model:
+  a static sampler with the same noise streams and FLOPs accounting)."""
   from edit_jax.diffusion import dynamic, transport  # noqa: PLC0415
   ev = study.eval
   gch = None if ev.guide_channels is None or ev.guide_channels < 0 else int(ev.guide_channels)
-  k = len(models_)
   rule = dynamic.SwitchRule(tuple(rule_ratios), study.first_several, study.distance)
-  ds = dynamic.DynamicSampler(models_, params, transport.create_transport(), sampler_config(ev),
-                              rule, batch_size=len(x0), cfg_scale=float(ev.cfg_scale),
-                              guide_channels=gch,
-                              bucket_sizes=(len(x0),) if k == 1 else None)
-  return ds
+  return dynamic.DynamicSampler(models_, params, transport.create_transport(),
+                                sampler_config(ev), rule, batch_size=batch,
+                                cfg_scale=float(ev.cfg_scale), guide_channels=gch,
+                                bucket_sizes=(batch,) if len(models_) == 1 else None)
 
 
-def _run_eval(ds, rule_ratios, study, x0, y, keys, scorer):
+def _run_eval(ds, rule_ratios, study, x0, y, keys, scorer) -> dict:
+  """Samples with `ds` under the rule's ratios and scores the images."""
   import numpy as np  # noqa: PLC0415
   from edit_jax.diffusion import dynamic  # noqa: PLC0415
   rule = dynamic.SwitchRule(tuple(rule_ratios), study.first_several, study.distance)
@@ -227,7 +226,7 @@ def evaluate_seed(study, seed: int, wds: dict, scorer, x0, y, keys) -> list[dict
                if elastic.is_elastic(model) else [(name, model)])
     for label, m in targets:
       if want("static", label):
-        ds = sample_schedule(study, [m], [params], (), x0, y, keys)
+        ds = make_sampler(study, [m], [params], (), len(x0))
         add({"kind": "static", "model": label, "mediator_num": int(m.mediator_num),
              **_run_eval(ds, (), study, x0, y, keys, scorer)})
   # dynamic schedules: three static checkpoints, and the one elastic checkpoint
@@ -244,7 +243,7 @@ def evaluate_seed(study, seed: int, wds: dict, scorer, x0, y, keys) -> list[dict
     todo = [tuple(r) for r in study.rho if want("dynamic", label, list(r))]
     if not todo:
       continue
-    ds = sample_schedule(study, ms, ps, todo[0], x0, y, keys)
+    ds = make_sampler(study, ms, ps, todo[0], len(x0))
     for rho in todo:
       add({"kind": "dynamic", "model": label, "rho": list(rho),
            **_run_eval(ds, rho, study, x0, y, keys, scorer)})
@@ -255,21 +254,23 @@ def run(spec: str = DEFAULT_SPEC, skip_train: bool = False, only_train: bool = F
   """Trains what is missing, evaluates, returns the payload (None when nothing is trained)."""
   study = load_study(spec)
   trained: dict[int, dict] = {}
-  costs = []
-  for seed in study.seeds:
+  costs, rows = [], []
+  scorer = x0 = y = keys = None
+  for seed in study.seeds:  # seed-major: every finished seed is complete (train, then score)
     for v in variants(study):
       wd = ensure_trained(study, v, seed, skip_train)
       if wd is None:
         continue
       trained.setdefault(seed, {})[v["name"]] = wd
       costs.append({"seed": seed, "model": v["name"], **train_cost(study, v, wd)})
+    if only_train or seed not in trained:
+      continue
+    if scorer is None:
+      scorer = Scorer()
+      x0, y, keys = eval_inputs(int(study.eval.num_samples), int(study.eval.eval_seed))
+    rows += evaluate_seed(study, seed, trained[seed], scorer, x0, y, keys)
   if only_train or not trained:
     return None
-  scorer = Scorer()
-  x0, y, keys = eval_inputs(int(study.eval.num_samples), int(study.eval.eval_seed))
-  rows = []
-  for seed, wds in sorted(trained.items()):
-    rows += evaluate_seed(study, seed, wds, scorer, x0, y, keys)
   from edit_jax import flops, train  # noqa: PLC0415
   base = train.get_model(train_config(study, variants(study)[0], 0))
   return {

@@ -16,7 +16,6 @@ import pytest
 from edit_jax import checkpoint, convert, elastic, flops, models, sample, sharding, train
 from edit_jax.diffusion import dynamic, samplers
 from edit_jax.diffusion import transport as T
-from edit_jax.models import attention as attn_lib
 
 
 def tiny(n=4, grid=0, **kw):

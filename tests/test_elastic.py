@@ -108,6 +108,19 @@ def test_one_parameter_set_runs_at_every_n():
 
 
 # ----------------------------------------------------------------------------- conversions
+def test_elastic_state_dict_round_trip_keeps_elastic_layout():
+  """PyTorch-named files of an elastic model (5-D tables) load back as the elastic model."""
+  model = tiny(16, grid=4)
+  p = random_params(model, 9)
+  sd = convert.params_to_state_dict(p, model)
+  assert sd["blocks.0.attn.an_bias"].shape == (2, 4, 4, 7, 7)
+  m2, p2 = convert.load_torch_checkpoint(sd)
+  assert m2.elastic_grid == 4 and m2.mediator_num == 16 and m2.input_size == 8
+  x, t, y = inputs(model)
+  np.testing.assert_array_equal(forward(elastic.at(m2, 4), p2, x, t, y),
+                                forward(elastic.at(model, 4), p, x, t, y))
+
+
 @pytest.mark.parametrize("n", [1, 4, 16])
 def test_export_computes_exactly_what_elastic_computes(n, tmp_path):
   """elastic -> static export (params and official-layout file) computes the elastic model's

@@ -95,11 +95,22 @@ def ensure_trained(study, v: dict, seed: int, skip_train: bool) -> pathlib.Path 
     return None
   from edit_jax import train  # noqa: PLC0415
   cfg = train_config(study, v, seed)
+  rec_path = wd / "study_train_time.json"
+  rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {
+      "wall_seconds": 0.0, "cpu_seconds": 0.0, "steps_timed": 0, "sessions": 0}
   t0, c0 = time.perf_counter(), time.process_time()
-  train.train_and_evaluate(cfg, str(wd))
-  rec = {"wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-         "steps": int(study.train_steps), "load_average_end": list(__import__("os").getloadavg())}
-  (wd / "study_train_time.json").write_text(json.dumps(rec))
+  start = ckpt_lib.Checkpointer(ck, read_only=True).latest_step() if ck.exists() else None
+  result = train.train_and_evaluate(cfg, str(wd))
+  rec["wall_seconds"] += time.perf_counter() - t0   # summed over sessions when resumed
+  rec["cpu_seconds"] += time.process_time() - c0
+  rec["steps_timed"] += int(result["step"]) - int(start or 0)
+  rec["sessions"] += 1
+  rec.update(steps=int(study.train_steps), complete=result["stopped"] == "done",
+             load_average_end=list(__import__("os").getloadavg()))
+  rec_path.write_text(json.dumps(rec))
+  if result["stopped"] != "done":
+    raise SystemExit(f"training {wd.name} stopped ({result['stopped']}) at step "
+                     f"{result['step']}: rerun the same command to resume")
   print(f"trained {wd.name}: {rec['wall_seconds']:.0f} s wall, {rec['cpu_seconds']:.0f} s CPU",
         flush=True)
   return wd
@@ -567,6 +578,9 @@ def main(argv=None):
   ap.add_argument("--out_json", default="", help="write the payload here (default: print a "
                   "summary only; benchmarks/report.py --parts elastic writes the report JSON)")
   args = ap.parse_args(argv)
+  import logging  # noqa: PLC0415
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
   import jax  # noqa: PLC0415
   jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
   payload = run(args.config, args.skip_train, args.only_train)

@@ -555,3 +555,20 @@ def test_study_verdicts_follow_the_numbers(tmp_path):
   assert "| one elastic (dynamic schedule, any n) | 1 | 0.01 | 105 | 210 |" in text
   assert "0.50 of the three-model option's training FLOPs" in text  # 11 / (10 + 12)
   assert elastic_study.plot(payload, tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_one_model_schedule_is_plain_sampling_even_for_full_attention():
+  """DynamicSampler with K = 1 (what the study uses for static points) accepts full attention
+  and equals the fixed-step sampler."""
+  m = tiny(0, depth=1)
+  p = random_params(m, 11, scale=0.1)
+  cfg, tr = samplers.ODEConfig("euler", 6), T.create_transport()
+  x0 = jax.random.normal(jax.random.key(2), (2, 8, 8, 4))
+  y = jnp.array([1, 2], jnp.int32)
+  ds = dynamic.DynamicSampler([m], [p], tr, cfg, dynamic.SwitchRule(()), batch_size=2,
+                              bucket_sizes=(2,))
+  res = ds.sample(x0, y)
+  want = jax.jit(lambda x: samplers.sample(samplers.flax_model_fn(m, {"params": p}), tr, cfg, x,
+                                           y).x)(x0)
+  np.testing.assert_allclose(res.x, want, atol=1e-5)
+  assert res.gflops[0] == pytest.approx(flops.gflops(m) * 5)

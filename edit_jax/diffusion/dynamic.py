@@ -137,7 +137,8 @@ def check_schedule_models(models_: Sequence[Any], params: Sequence[Any]):
   if len(models_) != len(params):
     raise ValueError(f"got {len(models_)} models but {len(params)} parameter sets")
   counts = [int(getattr(m, "mediator_num", 0)) for m in models_]
-  if any(c <= 0 for c in counts) or any(b <= a for a, b in zip(counts, counts[1:])):
+  if len(counts) > 1 and (any(c <= 0 for c in counts) or
+                          any(b <= a for a, b in zip(counts, counts[1:]))):
     raise ValueError(f"mediator counts must be positive and strictly increasing along the "
                      f"schedule, got {counts}: order the checkpoints from fewest to most "
                      f"mediators (e.g. 4, 16, 64)")
@@ -201,7 +202,9 @@ class DynamicSampler:
   """Per-sample step-wise dynamic mediator sampling. Construct once, call `sample` many times.
 
   Args:
-    models: K SiT modules with strictly increasing `mediator_num` (same architecture otherwise).
+    models: K SiT modules with strictly increasing `mediator_num` (same architecture otherwise);
+      K = 1 is plain fixed-step sampling of one model (full attention allowed), with the same
+      noise streams and FLOPs accounting as a schedule.
     params: their K parameter trees.
     transport, sampler: a fixed-step `samplers.ODEConfig` (euler / heun2) or `SDEConfig`.
     rule: `SwitchRule` with K - 1 ratios.

@@ -13,6 +13,7 @@ Reports median seconds per forward, the mediator/full time ratio and the FLOPs r
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
 
@@ -31,16 +32,35 @@ CASES = {
 }
 
 
-def forward_time(model, batch, repeats, full_impl=None):
-  params = models.init_params(model, jax.random.key(0))
-  # Perturb so the zero-initialised layers do real work (timing does not depend on values, but
-  # keeps XLA from simplifying anything).
-  params = jax.tree_util.tree_map(lambda a: a + 0.01, params)
+def random_params(model, seed: int = 0, std: float = 0.02):
+  """Random N(0, std^2) parameters of `model` (a plain pytree, the model's param dtypes).
+
+  For timing only: no model init is compiled, and no layer is zero (so XLA simplifies nothing).
+  """
+  leaves, treedef = jax.tree.flatten(models.abstract_params(model))
+  sizes = [math.prod(a.shape) for a in leaves]
+
+  @jax.jit   # one normal draw sliced into the leaves: a small program that compiles quickly
+  def make(key):
+    flat = std * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    out, i = [], 0
+    for a, n in zip(leaves, sizes):
+      out.append(flat[i:i + n].reshape(a.shape).astype(a.dtype))
+      i += n
+    return treedef.unflatten(out)
+
+  return make(jax.random.key(seed))
+
+
+def forward_time(model, batch, repeats, full_impl=None, *, inner: int = 1,
+                 max_time: float = float("inf")):
+  """`time_fn` of the jitted forward of `model` on a random (batch, H, W, C) latent batch."""
+  params = random_params(model)
   x = jax.random.normal(jax.random.key(1), (batch, model.input_size, model.input_size, model.in_channels))
   t = jnp.linspace(0.1, 0.9, batch)
   y = jnp.arange(batch) % model.num_classes
   fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
-  return time_fn(fwd, params, x, t, y, warmup=1, repeats=repeats)
+  return time_fn(fwd, params, x, t, y, warmup=1, repeats=repeats, inner=inner, max_time=max_time)
 
 
 def main(argv=None):

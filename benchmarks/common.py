@@ -18,17 +18,32 @@ def device_description() -> str:
   return f"{d.platform}:{kind} x{jax.device_count()} ({os.cpu_count()} host cores, {cpu}), jax {jax.__version__}"
 
 
-def time_fn(fn, *args, warmup: int = 1, repeats: int = 5, min_time: float = 0.0) -> dict:
-  """Median/min wall-clock seconds of `fn(*args)` (blocks on the result). Compiles in warmup."""
+def time_fn(fn, *args, warmup: int = 1, repeats: int = 5, min_time: float = 0.0,
+            inner: int = 1, max_time: float = float("inf")) -> dict:
+  """Median/min wall-clock seconds per call of `fn(*args)`. Compiles in warmup.
+
+  Each of the `repeats` samples runs `inner` back-to-back calls and blocks on the last result only
+  (so sub-millisecond device work is not hidden behind dispatch latency), divided by `inner`.
+  Sampling continues until `min_time` has passed and stops early once `max_time` has (at least
+  one sample). "first_s" is the first warm-up call (compilation included).
+  """
+  t0 = time.perf_counter()
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - t0
   times = []
   start = time.perf_counter()
   while len(times) < repeats or (time.perf_counter() - start) < min_time:
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "runs": len(times)}
+    out = None
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
+    if time.perf_counter() - start > max_time:
+      break
+  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "runs": len(times),
+          "inner": inner, "first_s": first if warmup else float("nan")}
 
 
 def print_table(rows: list[dict], cols: list[str]) -> str:

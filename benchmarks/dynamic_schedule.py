@@ -13,12 +13,13 @@ Rows:
 GFLOPs are analytic (`edit_jax.flops`, 1 multiply-add = 1 FLOP) per image; "executed" includes the
 bucket padding of the dynamic sampler. Timings exclude compilation (one warm-up batch).
 
-    python benchmarks/dynamic_schedule.py --out /tmp/dynamic_schedule.json [--quick]
+    python benchmarks/dynamic_schedule.py [--quick] [--out benchmarks/results/dynamic_schedule.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -53,7 +54,8 @@ def timed(fn, repeats):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--out", default="/tmp/dynamic_schedule.json")
+  ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+                                       / "results" / "dynamic_schedule.json"))
   ap.add_argument("--counts", default="4,16,64")
   ap.add_argument("--input_size", type=int, default=32)
   ap.add_argument("--hidden", type=int, default=64)
@@ -131,7 +133,9 @@ def main(argv=None):
                   [int(np.argmax(res.stages[:, i] >= j)) if (res.stages[:, i] >= j).any() else None
                    for i in range(b)] for j in range(1, len(ms))],
               command=" ".join(["python", "benchmarks/dynamic_schedule.py"]
-                               + (argv or sys.argv[1:])))
+                               + (argv or sys.argv[1:])),
+              date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              cpu_count=os.cpu_count(), load_average=list(os.getloadavg()), repeats=a.repeats)
   print(f"{'run':42s} {'GFLOPs/img':>11s} {'executed':>10s} {'img/s':>9s}")
   for r in rows:
     print(f"{r['run']:42s} {r['gflops_per_image']:11.4f} {r['gflops_executed_per_image']:10.4f} "
@@ -141,6 +145,57 @@ def main(argv=None):
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(dict(info=info, rows=rows), indent=2, default=str))
   print(f"wrote {out}")
+  print(markdown(dict(info=info, rows=rows)))
+
+
+def markdown(payload: dict) -> str:
+  """The docs' Markdown block (docs/sampling.md) for one result JSON: setup, table, stage counts.
+
+  tests/test_docs_numbers.py checks that the docs hold exactly this text for the committed JSON."""
+  info, rows = payload["info"], payload["rows"]
+  m, smp, rule = info["model"], info["sampler"], info["rule"]
+  counts = " / ".join(str(c) for c in m["counts"])
+  if smp["kind"] == "sde":
+    sampler = (f"SDE {smp['method']}-Maruyama ({smp['diffusion_form']} diffusion, last step "
+               f"{smp['last_step']})")
+  else:
+    sampler = f"ODE {smp['method']}"
+  la = ", ".join(f"{v:.1f}" for v in info["load_average"])
+  lines = [
+      f"`{info['command']}` on {info['device']} ({info['host']}, {info['cpu_count']} cores, "
+      f"shared with other jobs; load average {la} at the end), jax {info['jax']}, "
+      f"{info['date']}. Model: random-weight SiT, {m['input_size']}x{m['input_size']}x4 input, "
+      f"patch {m['patch']} ({m['tokens']} tokens), hidden {m['hidden']}, depth {m['depth']}, "
+      f"{m['heads']} heads, n = {counts}. Sampler: {sampler}, {smp['num_steps']} grid points "
+      f"(NFE {info['nfe_per_image']}), batch {info['batch']}, the same noise and labels for every "
+      f"row. Rule: rho = {' / '.join(str(r) for r in rule['ratios'])}, F = "
+      f"{rule['first_several']}, {rule['distance']}. Median of {info['repeats']} timed batches "
+      f"after a warm-up (compilation excluded).", "",
+      "| run | GFLOPs / image | executed (incl. padding) | images / s |", "|---|---|---|---|"]
+  biggest = [r for r in rows if r["run"] == f"static n={m['counts'][-1]} (scan)"]
+  for r in rows:
+    g = f"{r['gflops_per_image']:.3f}"
+    if biggest and r["run"].startswith("dynamic") and "per-sample" in r["run"]:
+      g += f" ({r['gflops_per_image'] / biggest[0]['gflops_per_image'] - 1:+.1%} vs n={m['counts'][-1]})"
+    lines.append(f"| {r['run']} | {g} | {r['gflops_executed_per_image']:.3f} | "
+                 f"{r['images_per_s']:.1f} |")
+  per = " / ".join(f"{info['gflops_per_forward'][str(c)]:.5f}" for c in m["counts"])
+  stages = " / ".join(f"{v:.1f}" for v in info["steps_per_stage_mean"])
+  switches = []
+  for j, firsts in enumerate(info["first_switch_step_per_sample"], 1):
+    got = [f for f in firsts if f is not None]
+    switches.append(f"switch {j}: {len(got)} of {len(firsts)} samples"
+                    + (f", at steps {min(got)}-{max(got)}" if got else ""))
+  dyn = [r for r in rows if "per-sample" in r["run"]]
+  pad = (f"; padding to the buckets {{{', '.join(map(str, info['bucket_sizes']))}}} costs "
+         f"{dyn[0]['gflops_executed_per_image'] / dyn[0]['gflops_per_image'] - 1:.1%} extra "
+         f"executed FLOPs" if dyn else "")
+  lines += ["", f"Per forward: {per} GFLOPs for n = {counts}. Mean steps per stage {stages} of "
+            f"{info['nfe_per_image']} ({'; '.join(switches)}){pad}. The dynamic sampler's "
+            f"{len(m['counts']) * len(info['bucket_sizes'])} step functions "
+            f"({len(m['counts'])} models x {len(info['bucket_sizes'])} bucket sizes) compiled in "
+            f"{info['dynamic_compile_seconds']:.0f} s."]
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

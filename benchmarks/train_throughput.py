@@ -7,7 +7,10 @@
 Times ``--steps`` train steps after ``--warmup`` steps (compilation excluded), on the real input
 pipeline of the config or on device-resident synthetic batches (``--data=synthetic``: measures the
 step alone). FLOPs: ``edit_jax.metrics`` (2 x 3 x forward multiply-adds per image, from
-edit_jax.flops). Prints a table and writes JSON.
+edit_jax.flops). MFU is against a MEASURED peak: the best TFLOP/s of a large square matmul
+(``--peak_n``, default 8192 on accelerators, 2048 on CPU) jitted on the same device in the
+model's compute dtype (``measure_peak_tflops``), unless ``--peak_tflops`` is given. Prints a table
+and writes JSON.
 """
 from __future__ import annotations
 
@@ -35,6 +38,26 @@ def load_config(spec: str):
   return mod.get_config(preset) if preset else mod.get_config()
 
 
+def measure_peak_tflops(dtype: str = "float32", n: int = 0, repeats: int = 10) -> dict:
+  """Best achieved TFLOP/s of an (n, n) @ (n, n) matmul on the default device (2 n^3 FLOPs)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  dev = jax.devices()[0]
+  n = n or (2048 if dev.platform == "cpu" else 8192)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), dtype)
+  b = jax.random.normal(k2, (n, n), dtype)
+  mm = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(mm(a, b))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a, b))
+    best = min(best, time.perf_counter() - t0)
+  return {"peak_tflops": 2 * n ** 3 / best / 1e12, "peak_matmul_n": n, "peak_dtype": str(dtype),
+          "peak_best_s": best}
+
+
 def run(args) -> dict:
   import jax  # noqa: PLC0415
   import flax.linen as nn  # noqa: PLC0415
@@ -59,7 +82,8 @@ def run(args) -> dict:
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
   bsh = sharding.batch_sharding(mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  from benchmarks.backward_cost import variant  # noqa: PLC0415
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), variant(args.variant):
     state, shardings = train.create_train_state(model, tx, mesh, jax.random.key(0), rules,
                                                 config.fsdp_min_size)
     loss_fn = transport.make_loss_fn(model, train.get_transport(config))
@@ -73,21 +97,30 @@ def run(args) -> dict:
       state, m = step(state, fixed or data_lib.to_global(next(it), bsh), rng)
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
       state, m = step(state, fixed or data_lib.to_global(next(it), bsh), rng)
     jax.block_until_ready(state)
     dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
   flops_img = metrics_lib.train_flops_per_image(model)
-  peak = metrics_lib.peak_tflops_per_device(override=args.peak_tflops)
+  if args.peak_tflops:
+    peak_info = {"peak_tflops": args.peak_tflops, "peak_method": "--peak_tflops"}
+  else:
+    peak_info = measure_peak_tflops(str(config.model.dtype), args.peak_n)
+    peak_info["peak_method"] = "measured matmul"
+  peak = peak_info["peak_tflops"]
   tp = metrics_lib.throughput(args.steps, dt, config.global_batch_size, flops_img,
                               jax.device_count(), peak)
   dev = jax.devices()[0]
   return {
       "config": args.config, "data": args.data, "global_batch": config.global_batch_size,
       "steps": args.steps, "seconds": dt, "warmup_seconds_incl_compile": compile_s,
-      "step_ms": 1e3 * dt / args.steps, **tp,
-      "train_gflops_per_image": flops_img / 1e9, "peak_tflops_per_device": peak,
+      "step_ms": 1e3 * dt / args.steps, "step_cpu_ms": 1e3 * cpu / args.steps,
+      "variant": args.variant, **tp,
+      "train_gflops_per_image": flops_img / 1e9, "peak_tflops_per_device": peak, **peak_info,
+      "estimated_peak_tflops": metrics_lib.peak_tflops_per_device(),
+      "load_average": os.getloadavg(),
       "devices": jax.device_count(), "device_kind": getattr(dev, "device_kind", dev.platform),
       "platform": dev.platform, "host": platform.node(), "cpu_count": os.cpu_count(),
       "dtype": str(config.model.dtype), "jax": jax.__version__,
@@ -104,15 +137,19 @@ def main(argv=None):
   ap.add_argument("--data", choices=("config", "synthetic"), default="config")
   ap.add_argument("--dtype", default="", help="override model.dtype (e.g. bfloat16)")
   ap.add_argument("--remat", action="store_true")
-  ap.add_argument("--peak_tflops", type=float, default=0.0)
+  ap.add_argument("--variant", default="current", choices=("current", "legacy"),
+                  help="legacy: the model as before issue 15 (see benchmarks/backward_cost.py)")
+  ap.add_argument("--peak_tflops", type=float, default=0.0,
+                  help="use this peak instead of measuring one (TFLOP/s per device)")
+  ap.add_argument("--peak_n", type=int, default=0, help="matmul size of the peak measurement")
   ap.add_argument("--json", default="", help="write the result here too")
   args = ap.parse_args(argv)
   r = run(args)
   rows = [("config", r["config"]), ("device", f"{r['devices']} x {r['device_kind']}"),
-          ("global batch", r["global_batch"]), ("step time", f"{r['step_ms']:.1f} ms"),
+          ("global batch", r["global_batch"]), ("step time", f"{r['step_ms']:.1f} ms (process CPU {r['step_cpu_ms']:.1f} ms)"),
           ("images/s", f"{r['images_per_sec']:.1f}"),
           ("TFLOP/s/device", f"{r['tflops_per_device']:.4f}"),
-          ("peak TFLOP/s/device", f"{r['peak_tflops_per_device']}"),
+          ("peak TFLOP/s/device", f"{r['peak_tflops_per_device']:.4f} ({r['peak_method']})"),
           ("MFU", f"{100 * r['mfu']:.1f}%" if np.isfinite(r["mfu"]) else "n/a")]
   w = max(len(k) for k, _ in rows)
   print("\n".join(f"{k:<{w}} | {v}" for k, v in rows))

@@ -6,9 +6,13 @@ A training checkpoint lives in ``WORKDIR/checkpoints/<step>/`` with two items:
   - ``meta``: JSON {"step", "data_position" (next global step the input pipeline reads),
     "model_config" (``edit_jax.models.model_config``), "config" (the ml_collections config)}.
 
-Restoring walks the steps newest first: a truncated/corrupt checkpoint is reported with the error
-and moved aside to ``checkpoints/corrupt-<step>-<time>`` (so the run can save that step again), and
-the previous one is used.
+Restoring walks the steps newest first. Two different failures:
+  - a checkpoint that reads fine but does not fit the run (other model config, other tensor
+    shapes or optimizer state) raises ``CheckpointMismatchError`` naming the differing config
+    fields and tensors, and changes nothing on disk;
+  - a checkpoint whose data cannot be read (truncated / corrupt files, unreadable meta) is
+    reported with the error and moved aside to ``checkpoints/corrupt-<step>-<time>`` (so the run
+    can save that step again), and the previous one is used.
 
 Also here: initializing from other weights (``load_init_params`` + ``merge_params``), moving
 mediator parameters to another resolution (``resize_mediator_params``) and
@@ -40,6 +44,49 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint, or a checkpoint that does not fit the model."""
 
 
+class CheckpointMismatchError(CheckpointError):
+  """A readable checkpoint written by a run with another model / optimizer configuration."""
+
+
+class _QuietReadOnly(logging.Filter):
+  """Drops Orbax's 'Given directory is read only' warning: we open checkpoints read-only on
+  purpose (sampling, evaluation), so it is not actionable."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
+def _path_str(path) -> str:
+  """A jax key path -> 'params/blocks_0/attn/qkv/kernel' (dict keys, indices, attributes)."""
+  out = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        out.append(str(getattr(k, attr)))
+        break
+    else:
+      out.append(str(k))
+  return "/".join(out)
+
+
+def tree_differences(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 12) -> list[str]:
+  """Human-readable differences between two {path: shape} maps (missing, extra, other shape)."""
+  diffs = []
+  for k in sorted(wanted):
+    if k not in saved:
+      diffs.append(f"{k} {tuple(wanted[k])} is not in the checkpoint")
+    elif tuple(saved[k]) != tuple(wanted[k]):
+      diffs.append(f"{k}: checkpoint {tuple(saved[k])} vs this run {tuple(wanted[k])}")
+  diffs += [f"{k} {tuple(saved[k])} is in the checkpoint but not in this run"
+            for k in sorted(saved) if k not in wanted]
+  if len(diffs) > limit:
+    diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
+  return diffs
+
+
 def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / CKPT_SUBDIR
 
@@ -61,7 +108,7 @@ class Checkpointer:
 
   def _make(self):
     return ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
-                                 options=ocp.CheckpointManagerOptions(**self._opts))
+                                 options=ocp.CheckpointManagerOptions(**_read_only_safe(self._opts)))
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -91,35 +138,92 @@ class Checkpointer:
     out = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(out["meta"])
 
-  def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict] | None:
+  def saved_shapes(self, step: int) -> dict[str, tuple] | None:
+    """{tensor path: shape} of the saved ``state`` item (from its metadata), None if unreadable."""
+    try:  # a read-only manager that knows the item handlers (needed to read metadata)
+      reader = ocp.CheckpointManager(
+          self.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                         "meta": ocp.JsonCheckpointHandler()},
+          options=ocp.CheckpointManagerOptions(**_read_only_safe(dict(
+              self._opts, read_only=True, create=False, enable_async_checkpointing=False))))
+      try:
+        md = reader.item_metadata(int(step))["state"]
+      finally:
+        reader.close()
+      flat = jax.tree_util.tree_flatten_with_path(md)[0]
+    except Exception:  # noqa: BLE001 - unreadable metadata: the caller treats it as corrupt
+      return None
+    if not flat:
+      return None
+    return {_path_str(k): tuple(getattr(v, "shape", ())) for k, v in flat}
+
+  def restore(self, abstract_state, step: int | None = None,
+              compare_meta=None) -> tuple[Any, dict] | None:
     """(state, meta) from ``step`` (default: newest usable one), or None if there is none.
 
     ``abstract_state``: a pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` set (the target
-    mesh/shardings; they may differ from the ones at save time). Corrupt checkpoints are reported
-    with logging.error, moved aside, and the previous step is tried.
+    mesh/shardings; they may differ from the ones at save time). ``compare_meta(meta)``:
+    optional, returns (differences that forbid resuming, other differences) as lists of
+    "field: checkpoint -> now" strings.
+
+    A readable checkpoint that does not fit (``compare_meta`` reports blocking differences, or
+    the saved tensors differ from ``abstract_state``) raises ``CheckpointMismatchError`` naming
+    the fields and tensors; nothing on disk changes. Unreadable checkpoints are reported with
+    logging.error, moved aside, and the previous step is tried.
     """
     steps = [int(step)] if step is not None else sorted(self.all_steps(), reverse=True)
+    wanted = {_path_str(k): tuple(v.shape)
+              for k, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     errors = []
     for s in steps:
       try:
+        meta = self.restore_meta(s)
+      except Exception as e:  # noqa: BLE001 - unreadable meta means "corrupt"
+        self._unreadable(s, e, step, errors)
+        continue
+      blocking, others = compare_meta(meta) if compare_meta is not None else ([], [])
+      if blocking:
+        saved = self.saved_shapes(s)
+        raise self._mismatch(s, blocking, tree_differences(saved, wanted) if saved else [])
+      try:
         out = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        if errors:
-          logging.warning("resumed from checkpoint step %d after skipping unreadable ones: %s", s,
-                          "; ".join(errors))
-        return out["state"], dict(out["meta"])
-      except Exception as e:  # noqa: BLE001 - any read error means "corrupt", reported below
-        msg = (f"checkpoint step {s} in {self.directory} is unreadable "
-               f"({type(e).__name__}: {str(e).splitlines()[0][:300]})")
-        if step is not None:
-          raise CheckpointError(msg + ": delete it or pick another step") from e
-        logging.error("%s; falling back to the previous checkpoint", msg)
-        errors.append(msg)
-        self._quarantine(s)
+            state=ocp.args.StandardRestore(abstract_state)))
+      except Exception as e:  # noqa: BLE001 - sorted out below: mismatch or corrupt
+        saved = self.saved_shapes(s)
+        tensors = tree_differences(saved, wanted) if saved else []
+        if tensors:
+          raise self._mismatch(s, others, tensors) from e
+        self._unreadable(s, e, step, errors)
+        continue
+      if errors:
+        logging.warning("resumed from checkpoint step %d after skipping unreadable ones: %s", s,
+                        "; ".join(errors))
+      return out["state"], meta
     if errors:
       raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors)
                             + ". Delete the directory to start from scratch.")
     return None
+
+  def _mismatch(self, step: int, fields: list[str], tensors: list[str]) -> CheckpointMismatchError:
+    parts = [f"checkpoint step {step} in {self.directory} was written by a run with another "
+             f"configuration, so this run cannot resume from it"]
+    if fields:
+      parts.append("config fields that differ (checkpoint -> this run): " + "; ".join(fields))
+    if tensors:
+      parts.append("tensors that differ: " + "; ".join(tensors))
+    parts.append("nothing on disk was changed. Rerun with the checkpoint's settings (see "
+                 "config.json beside checkpoints/) to resume, or pass a new --workdir (add "
+                 "--config.init_from=<this workdir> to start from its weights)")
+    return CheckpointMismatchError(". ".join(parts))
+
+  def _unreadable(self, s: int, e: Exception, step: int | None, errors: list[str]):
+    msg = (f"checkpoint step {s} in {self.directory} is unreadable "
+           f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})")
+    if step is not None:
+      raise CheckpointError(msg + ": delete it or pick another step") from e
+    logging.error("%s; falling back to the previous checkpoint", msg)
+    errors.append(msg)
+    self._quarantine(s)
 
   def _quarantine(self, step: int):
     """Moves an unreadable step directory aside so the step can be saved again."""
@@ -134,6 +238,14 @@ class Checkpointer:
     _barrier(f"quarantine-{step}")
     self.manager.close()
     self.manager = self._make()
+
+
+def _read_only_safe(opts: dict) -> dict:
+  """Manager options; read-only ones get the values Orbax would force (and warn about)."""
+  opts = dict(opts)
+  if opts.get("read_only"):
+    opts.update(max_to_keep=None, save_interval_steps=0)
+  return opts
 
 
 def _barrier(name: str):

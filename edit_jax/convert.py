@@ -11,7 +11,11 @@ PyTorch layouts at this boundary: Linear weights (out, in) -> kernel (in, out); 
 (out, in, kh, kw) -> kernel (kh, kw, in, out); the model itself is NHWC.
 
 Command line (writes an Orbax checkpoint that training and sampling restore):
-    python -m edit_jax.convert SRC OUT_DIR [--num_heads H] [--model_only] [--overwrite]
+    python -m edit_jax.convert SRC OUT_DIR [--num_heads H] [--model_only] [--overwrite] [--debug]
+
+Files that are not checkpoints are named in a ValueError; PyTorch files are read with
+``weights_only=True`` only (never unpickling arbitrary objects). CLI user errors: one line on
+stderr, exit status 2 (``edit_jax.cli``).
 """
 from __future__ import annotations
 
@@ -20,32 +24,66 @@ import json
 import os
 import pathlib
 import re
-import warnings
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from edit_jax import models
+from edit_jax import cli, models
 
 SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 
 
 # --------------------------------------------------------------------------- reading
 def _torch_load(path):
+  """A torch.save file as nested dicts whose tensors are pt_reader.LazyTensor (or np.ndarray).
+
+  Read without torch by edit_jax.pt_reader (allow-listed unpickling: no code runs). Files it
+  cannot read (pre-1.6 format, pickled objects outside its allow-list) are handed to
+  ``torch.load(weights_only=True)`` when torch is installed, else its error explains the fix.
+  """
+  from edit_jax import pt_reader  # noqa: PLC0415
   try:
-    import torch  # noqa: PLC0415
-  except ImportError:
-    raise ImportError(
-        f"reading {path} needs PyTorch, which is an optional extra: pip install 'edit_jax[torch]' "
-        f"(or torch), or convert the file to .npz/.safetensors elsewhere") from None
+    return pt_reader.load(path)
+  except (pt_reader.LegacyFormatError, pt_reader.UnsafePickleError) as e:
+    try:
+      import torch  # noqa: PLC0415
+    except ImportError:
+      raise ValueError(f"{e} (or install torch, which this reader falls back to)") from None
+    try:
+      return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as te:  # noqa: BLE001
+      # torch's own message advises unsafe loading: name only the error type.
+      raise ValueError(f"{e}\n(torch.load(weights_only=True) failed too: "
+                       f"{type(te).__name__})") from None
+
+
+def _read_npz(path) -> dict:
+  import zipfile  # noqa: PLC0415
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception:  # training checkpoints may hold argparse.Namespace args
-    warnings.warn(f"{path}: weights_only load failed, loading with weights_only=False "
-                  f"(only do this for files you trust)")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-  return obj
+    f = np.load(path, allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+      reason = "it holds a single array, not named arrays"
+    else:
+      with f:
+        return {k: f[k] for k in f.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    msg = str(e)
+    reason = ("it is not a zip archive of .npy arrays" if "pickle" in msg
+              or isinstance(e, (zipfile.BadZipFile, EOFError)) else msg.splitlines()[0][:200])
+  raise ValueError(f"{path} is not a checkpoint: numpy cannot read it as an .npz of named arrays "
+                   f"({reason}). Expected a file written by np.savez(path, **state_dict) with one "
+                   f"array per official parameter name")
+
+
+def _read_safetensors(path) -> dict:
+  from safetensors.numpy import load_file  # noqa: PLC0415
+  try:
+    return load_file(str(path))
+  except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path} is not a checkpoint: it cannot be read as a .safetensors file "
+                     f"({reason}); the file is damaged or has another format") from None
 
 
 def _to_numpy(v):
@@ -54,7 +92,10 @@ def _to_numpy(v):
     if str(v.dtype) == "torch.bfloat16":
       v = v.float()
     return v.numpy()
-  return np.asarray(v)
+  a = np.asarray(v)  # np.ndarray or pt_reader.LazyTensor (reads its bytes now)
+  if a.dtype.name == "bfloat16":
+    a = a.astype(np.float32)
+  return a
 
 
 def read_state_dict(src, use_ema: bool = True) -> dict[str, np.ndarray]:
@@ -68,14 +109,15 @@ def read_state_dict(src, use_ema: bool = True) -> dict[str, np.ndarray]:
     if not path.exists():
       raise FileNotFoundError(f"checkpoint {path} does not exist")
     suffix = path.suffix.lower()
+    if not path.is_file():
+      raise IsADirectoryError(f"{path} is a directory, not a checkpoint file: pass a .pt/.pth, "
+                              f".npz or .safetensors file (load_converted reads converted dirs)")
     if suffix in (".pt", ".pth", ".bin"):
       obj = _torch_load(str(path))
     elif suffix == ".npz":
-      with np.load(path, allow_pickle=False) as f:
-        obj = {k: f[k] for k in f.files}
+      obj = _read_npz(path)
     elif suffix == ".safetensors":
-      from safetensors.numpy import load_file  # noqa: PLC0415
-      obj = load_file(str(path))
+      obj = _read_safetensors(path)
     else:
       raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; expected one of {SUFFIXES}")
   elif isinstance(src, Mapping):
@@ -86,7 +128,7 @@ def read_state_dict(src, use_ema: bool = True) -> dict[str, np.ndarray]:
   if "ema" in obj or "model" in obj:
     key = "ema" if (use_ema and "ema" in obj) else "model"
     if key not in obj:
-      raise KeyError(f"checkpoint has no {key!r} entry; its keys are {sorted(obj)}")
+      raise ValueError(f"checkpoint has no {key!r} entry; its keys are {sorted(obj)}")
     obj = obj[key]
   elif any(k.startswith(("ema.", "model.")) for k in obj):  # flattened training checkpoint (npz)
     prefix = "ema." if use_ema and any(k.startswith("ema.") for k in obj) else "model."
@@ -311,12 +353,23 @@ def load_converted(ckpt_dir, **overrides):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m edit_jax.convert", description=__doc__.split("\n")[0])
-  ap.add_argument("src", help="official checkpoint: .pt/.pth (needs torch), .npz or .safetensors")
+  ap.add_argument("src", help="official checkpoint: .pt/.pth (read without torch), .npz or "
+                  ".safetensors")
   ap.add_argument("out_dir", help="output directory for the Orbax checkpoint")
   ap.add_argument("--num_heads", type=int, default=None)
   ap.add_argument("--model_only", action="store_true", help="use 'model' instead of 'ema'")
   ap.add_argument("--overwrite", action="store_true")
+  cli.add_debug_flag(ap)
   args = ap.parse_args(argv)
+  src = pathlib.Path(args.src)
+  if not src.exists():
+    raise FileNotFoundError(f"checkpoint {src} does not exist")
+  out_dir = pathlib.Path(args.out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise FileExistsError(f"{out_dir} exists and is a file: choose a directory for the output")
+  if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+    raise FileExistsError(f"{out_dir.resolve()} exists and is not empty: choose a new directory "
+                          f"or pass --overwrite")
   model, params = load_torch_checkpoint(args.src, num_heads=args.num_heads,
                                         use_ema=not args.model_only)
   out = save_converted(args.out_dir, model, params, overwrite=args.overwrite,
@@ -329,4 +382,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, "python -m edit_jax.convert")

@@ -33,7 +33,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import grain
 import numpy as np
 
 VAE_SCALE = 0.18215
@@ -319,6 +318,16 @@ def example_shape(data_config) -> tuple[int, int, int]:
   return (data_config.image_size, data_config.image_size, data_config.channels)
 
 
+def _grain():
+  """The grain module, imported on first use (so ``edit_jax.data`` imports without it)."""
+  try:
+    import grain  # noqa: PLC0415
+  except ImportError as e:
+    raise DataError("the training input pipeline needs grain: pip install grain "
+                    "(see requirements.txt)") from e
+  return grain
+
+
 @dataclasses.dataclass
 class InputPipeline:
   """Process-local batches for global steps; random access and a prefetching iterator.
@@ -341,7 +350,7 @@ class InputPipeline:
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     ds = self.local_batches[int(start_step):].to_iter_dataset(self.read_options)
     if self.worker_count > 0:
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
+      ds = ds.mp_prefetch(_grain().MultiprocessingOptions(num_workers=self.worker_count))
     return iter(ds)
 
 
@@ -366,6 +375,7 @@ def make_pipeline(data_config, *, seed: int, global_batch_size: int, process_ind
                          latent_sample=bool(data_config.get("latent_sample", True)),
                          scale=float(getattr(source, "scale", VAE_SCALE)),
                          moments=bool(getattr(source, "moments", False)), shape=shape)
+  grain = _grain()
   # Global example stream: a fresh permutation every epoch, augmentation rng from (seed, index).
   stream = grain.MapDataset.source(source).shuffle(seed=seed).random_map(transform, seed=seed + 1)
   g, p = global_batch_size, process_count

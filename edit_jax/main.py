@@ -6,9 +6,12 @@
 
 ``--config`` takes a config file and an optional preset after ``:``; any field can be overridden
 with ``--config.<field>=<value>``. Rerunning the same command in the same workdir resumes from the
-newest readable checkpoint. SIGTERM saves a checkpoint and exits with status 0. Exit status 2: a
-config/data/mesh/checkpoint error (the message says what to change); 3: the loss became
-non-finite (the last good checkpoint is kept).
+newest readable checkpoint (a finished run trains nothing). SIGTERM saves a checkpoint and exits
+with status 0; a first Ctrl-C saves and exits with status 130 (a second one stops at once).
+Exit status 2: a config/data/mesh/checkpoint error, printed as one line (the message says what to
+change; ``--debug`` shows the traceback); 3: the loss became non-finite (the last good
+checkpoint is kept). The last line states the step reached (and, on the digits, the share of
+the final samples classified as their label).
 """
 from __future__ import annotations
 
@@ -25,16 +28,24 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for 
                                "TensorBoard logs and sample grids.")
 _LIB_LOGS = flags.DEFINE_bool("library_logs", False, "Show INFO logs of orbax/grain/absl "
                               "internals (hidden by default; warnings are always shown).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of configuration, data and "
+                           "checkpoint errors (also: EDIT_JAX_DEBUG=1).")
+PROG = "python -m edit_jax.main"
 flags.mark_flags_as_required(["config", "workdir"])
 
 _NOISY = ("/orbax/", "/grain/", "/tensorstore/", "/etils/")
 
 
 class _QuietLibraries(logging.Filter):
-  """Drops INFO records of checkpointing/data libraries (they log every save in detail)."""
+  """Drops INFO records of checkpointing/data libraries (they log every save in detail) and jax's
+  "Unable to initialize backend 'tpu'" note on machines without a TPU."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or not any(n in record.pathname for n in _NOISY)
+    if record.levelno >= logging.WARNING:
+      return True
+    if str(record.msg).startswith("Unable to initialize backend"):
+      return False
+    return not any(n in record.pathname for n in _NOISY)
 
 
 def main(argv):
@@ -49,16 +60,30 @@ def main(argv):
   import jax  # noqa: PLC0415
   if jax.process_index() != 0:
     logging.getLogger().setLevel(logging.WARNING)
-  from edit_jax import checkpoint, data, sharding  # noqa: PLC0415
+  from edit_jax import cli  # noqa: PLC0415
   try:
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (train.ConfigError, sharding.MeshError, data.DataError, checkpoint.CheckpointError) as e:
-    logging.error("%s: %s", type(e).__name__, e)   # a settings problem: no traceback needed
-    sys.exit(2)
   except FloatingPointError as e:
     logging.error("%s", e)
     sys.exit(3)
-  logging.info("done: step %d, %s", summary["step"], summary["stopped"])
+  except cli.user_error_types() as e:
+    if _DEBUG.value or cli.debug_requested([]):
+      raise
+    cli.report(PROG, e)
+  logging.info(final_line(summary))
+  if summary["stopped"] == "interrupted":
+    sys.exit(130)
+
+
+def final_line(summary: dict) -> str:
+  """'done: step 1000/1000 (done); 84% of the 80 sampled digits ...; samples: PATH'."""
+  line = f"done: step {summary['step']}/{summary['total']} ({summary['stopped']})"
+  if summary.get("digit_accuracy") is not None:
+    line += (f"; {100 * summary['digit_accuracy']:.1f}% of the {summary['digit_samples']} "
+             f"sampled digits are classified as their label")
+  if summary.get("samples"):
+    line += f"; samples: {summary['samples']}"
+  return line
 
 
 def run():

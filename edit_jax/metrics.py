@@ -1,4 +1,4 @@
-"""Training metrics: clu aggregation, throughput/MFU, TensorBoard (tensorboardX), progress line.
+"""Training metrics: clu aggregation, throughput/MFU, measured peaks, TensorBoard, progress line.
 
 FLOPs convention. ``edit_jax.flops`` counts a forward in the papers' convention (1 multiply-add =
 1 FLOP, batch 1). Training costs ~3 forwards (forward + backward with two matmuls per forward
@@ -11,7 +11,9 @@ matmul), so training work per image = 3 x forward multiply-adds; to compare with
 
 Rematerialization is not counted (MFU, not HFU). Peak numbers: ``PEAK_TFLOPS`` (dense bf16 for
 accelerators) or ``config.peak_tflops_per_device``; on CPU an estimate from the core count and
-clock (see ``cpu_peak_tflops``) and MFU there is indicative only.
+clock (see ``cpu_peak_tflops``) and MFU there is indicative only. ``measure_matmul_tflops`` and
+``measure_bandwidth_gbs`` measure the peaks on the device itself (benchmarks/device_check.py
+reports MFU against the measured matmul peak at the training dtype).
 """
 from __future__ import annotations
 
@@ -24,16 +26,26 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import metrics as clu_metrics
 from etils import epath
 
 
-# Per-step metrics of the train step, merged over steps on the host (clu.metrics).
-TrainMetrics = clu_metrics.Collection.create(
-    loss=clu_metrics.Average.from_output("loss"),
-    grad_norm=clu_metrics.Average.from_output("grad_norm"),
-    learning_rate=clu_metrics.LastValue.from_output("learning_rate"),
-    nonfinite=clu_metrics.Average.from_output("nonfinite"))
+def _train_metrics():
+  """Per-step metrics of the train step, merged over steps on the host (clu.metrics)."""
+  from clu import metrics as clu_metrics  # noqa: PLC0415 - clu only where the trainer logs
+  return clu_metrics.Collection.create(
+      loss=clu_metrics.Average.from_output("loss"),
+      grad_norm=clu_metrics.Average.from_output("grad_norm"),
+      learning_rate=clu_metrics.LastValue.from_output("learning_rate"),
+      nonfinite=clu_metrics.Average.from_output("nonfinite"))
+
+
+def __getattr__(name):
+  # ``TrainMetrics`` is built on first access, so importing this module needs no clu (the GPU
+  # device check imports it on machines without clu).
+  if name == "TrainMetrics":
+    globals()["TrainMetrics"] = cls = _train_metrics()
+    return cls
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Dense peak TFLOP/s per device (one chip / one GPU), bf16 unless noted.
@@ -78,6 +90,64 @@ def peak_tflops_per_device(device=None, override: float = 0.0) -> float | None:
     if key in kind:
       return PEAK_TFLOPS[key]
   return None
+
+
+def measure_matmul_tflops(dtype="bfloat16", size: int = 8192, chain: int = 8, repeats: int = 5,
+                          precision=None) -> dict[str, Any]:
+  """Measured dense matmul peak of the default device: TFLOP/s (2 per multiply-add).
+
+  Times one jitted program of ``chain`` dependent (size, size) @ (size, size) products in
+  ``dtype`` (f32 accumulation), so launch overhead is amortised; reports the best and the median
+  of ``repeats`` runs after a compiling warm-up. ``precision`` is passed to ``jnp.matmul`` (None:
+  the default, what the models use; on recent NVIDIA GPUs XLA runs float32 at that precision on
+  TF32 tensor cores). This is the peak MFU should be measured against (not a datasheet number).
+  Returns {"tflops", "tflops_median", "seconds", "size", "chain", "dtype", "precision"}.
+  """
+  import jax.numpy as jnp  # noqa: PLC0415
+  dt = jnp.dtype(dtype)
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (size, size), jnp.float32).astype(dt)
+  # N(0, 1/size) entries keep the chained product's magnitude ~constant (no overflow to inf).
+  b = (jax.random.normal(kb, (size, size), jnp.float32) / math.sqrt(size)).astype(dt)
+
+  @jax.jit
+  def run(a, b):
+    def body(_, x):
+      return jnp.matmul(x, b, precision=precision, preferred_element_type=jnp.float32).astype(dt)
+    return jax.lax.fori_loop(0, chain, body, a)
+
+  jax.block_until_ready(run(a, b))
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(a, b))
+    times.append(time.perf_counter() - t0)
+  flops = 2.0 * size ** 3 * chain
+  best, med = min(times), float(np.median(times))
+  return {"tflops": flops / best / 1e12, "tflops_median": flops / med / 1e12, "seconds": best,
+          "size": size, "chain": chain, "dtype": dt.name,
+          "precision": "default" if precision is None else str(precision)}
+
+
+def measure_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 10) -> dict[str, Any]:
+  """Measured device-memory bandwidth of the default device, GB/s (1e9 bytes/s).
+
+  Times a jitted elementwise ``x * a + b`` over a float32 array of ``nbytes`` (one read and one
+  write per element: 2 * nbytes moved); best and median of ``repeats`` after a warm-up.
+  Returns {"gbs", "gbs_median", "seconds", "bytes_moved"}.
+  """
+  import jax.numpy as jnp  # noqa: PLC0415
+  x = jnp.ones((max(1, nbytes // 4),), jnp.float32)
+  f = jax.jit(lambda x: x * 1.0001 + 0.5)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  moved = 2 * x.size * 4
+  return {"gbs": moved / min(times) / 1e9, "gbs_median": moved / float(np.median(times)) / 1e9,
+          "seconds": min(times), "bytes_moved": moved}
 
 
 def train_flops_per_image(model) -> float:

@@ -3,7 +3,7 @@
     python -m edit_jax.sample --ckpt CKPT --out DIR --num_samples 64 --batch_size 32 \\
         [--mode sde|ode] [--method Euler|Heun|euler|heun2|dopri5] [--num_steps 250] \\
         [--cfg_scale 4.0] [--guide_channels 3|all] [--guidance_interval 0.0,0.7] \\
-        [--labels random|3,17,207] [--seed 0] [--vae PATH] [--raw_weights] [--overwrite]
+        [--classes random|3,17,207|FILE] [--seed 0] [--vae PATH] [--raw_weights] [--overwrite]
     # step-wise dynamic mediators: several checkpoints, fewest mediators first
     python -m edit_jax.sample --ckpt n4 --ckpt n16 --ckpt n64 --switch_ratios 0.8,0.6 \\
         --first_several 3 --distance l1 --out DIR ...
@@ -16,9 +16,16 @@ directory written by `python -m edit_jax.convert`, or an official .pt/.npz file
 (`edit_jax.checkpoint.load_params_for_sampling`).
 
 Outputs in DIR (never overwritten unless --overwrite): `samples.npz` (ADM format: `arr_0`,
-N x H x W x 3 uint8; 1-channel images repeated to 3 channels), `grid.png` (the first <= 64 images),
-`summary.json` (sampler, steps, guidance, NFE and GFLOPs per image, images/s, dynamic schedule
-statistics). Pixel-space models (1 or 3 channels) are mapped from [-1, 1] to uint8 as the official
+N x H x W x 3 uint8, 1-channel images repeated to 3 channels; `arr_1`, (N,) int64 class labels),
+`grid.png` (the first <= 64 images), `summary.json` (sampler, steps, guidance, NFE and GFLOPs per
+image, images/s, dynamic schedule statistics, the labels).
+
+Labels (`--classes`, alias `--labels`): `random` (uniform, the official default), comma-separated
+class ids (`3,7`: cycled over the samples: 3, 7, 3, 7, ...), or a file of class ids (`.npy`, an
+`.npz` with `arr_1` such as another run's samples.npz, or text with ids separated by commas,
+spaces or newlines), cycled to --num_samples. Ids must be in [0, num_classes).
+User errors (missing checkpoint, bad option, existing output) exit with status 2 and one line;
+`--debug` shows the traceback. Pixel-space models (1 or 3 channels) are mapped from [-1, 1] to uint8 as the official
 scripts (clip(127.5 x + 128)); latent models (4 channels) are decoded by the SD-VAE given with --vae
 (or $EDIT_JAX_VAE). The batch is split over all local devices (NamedSharding).
 
@@ -39,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edit_jax import cli
 from edit_jax.diffusion import guidance, samplers
 from edit_jax.diffusion.transport import create_transport
 
@@ -66,7 +74,7 @@ class SampleConfig:
   cfg_scale: float = 1.0
   guide_channels: Optional[int] = 3
   guidance_interval: Optional[Any] = None
-  labels: Any = "random"                # "random" or a list of ints (cycled to num_samples)
+  labels: Any = "random"                # "random", a list of ints, "3,7" or a file (cycled to N)
   seed: int = 0
   ema: bool = True
   vae: Optional[str] = None
@@ -100,24 +108,58 @@ def _check_outputs(out: Optional[str], overwrite: bool):
                           f"directory or pass --overwrite")
 
 
+def read_class_file(path) -> np.ndarray:
+  """Class ids from a file: .npy, .npz (``arr_1``, e.g. a samples.npz) or text (ints separated by
+  commas, spaces or newlines). Raises ValueError naming the file when it holds no class ids."""
+  path = pathlib.Path(path)
+  try:
+    if path.suffix == ".npy":
+      arr = np.load(path, allow_pickle=False)
+    elif path.suffix == ".npz":
+      with np.load(path, allow_pickle=False) as f:
+        if "arr_1" not in f.files:
+          raise ValueError(f"{path} has no `arr_1` (labels) array; its arrays are {f.files}")
+        arr = f["arr_1"]
+    else:
+      toks = path.read_text().replace(",", " ").split()
+      arr = np.asarray([int(t) for t in toks], np.int64)
+  except (ValueError, OSError) as e:
+    if isinstance(e, ValueError) and "arr_1" in str(e):
+      raise
+    raise ValueError(f"cannot read class ids from {path}: {e}") from None
+  arr = np.asarray(arr)
+  if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"{path} must hold a 1-D list of integer class ids, got {arr.dtype} "
+                     f"{arr.shape}")
+  return arr.astype(np.int64)
+
+
+def parse_classes(spec) -> np.ndarray:
+  """Class ids from "3,7" (comma-separated ints) or from the path of a file of class ids."""
+  text = str(spec).strip()
+  if text and all(ch.isdigit() or ch in ", -" for ch in text):
+    try:
+      return np.asarray([int(v) for v in text.split(",") if v.strip()], np.int64)
+    except ValueError:
+      pass
+  if pathlib.Path(text).is_file():
+    return read_class_file(text)
+  raise ValueError(f"classes {text!r}: expected 'random', comma-separated class ids (3,7) or an "
+                   f"existing file of class ids")
+
+
 def _labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:
   n = cfg.num_samples
   if isinstance(cfg.labels, str) and cfg.labels == "random":
     return np.asarray(jax.random.randint(jax.random.key(cfg.seed + 1_000_003), (n,), 0,
                                          num_classes), np.int32)
   labels = cfg.labels
-  if isinstance(labels, str):
-    try:
-      labels = [int(v) for v in labels.split(",") if v.strip()]
-    except ValueError:
-      raise ValueError(f"labels={cfg.labels!r}: expected 'random' or comma-separated class ids") \
-          from None
+  if isinstance(labels, (str, pathlib.Path)):
+    labels = parse_classes(labels)
   labels = np.asarray(list(labels), np.int64)
   if labels.size == 0:
     raise ValueError("labels is empty: give 'random' or at least one class id")
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f"labels must be in [0, {num_classes - 1}] for this model, got "
-                     f"[{labels.min()}, {labels.max()}]")
+  samplers.check_labels(labels, num_classes)
   return np.resize(labels, n).astype(np.int32)
 
 
@@ -346,13 +388,14 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
       "images_per_second": cfg.num_samples / total,
       "images_per_second_steady": (b * len(steady)) / sum(steady),
       "dynamic": dyn,
+      "labels": [int(v) for v in labels],
   }
   if cfg.out is not None:
     from PIL import Image  # noqa: PLC0415
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_outputs(cfg.out, cfg.overwrite)  # again: someone may have written meanwhile
-    np.savez(out / "samples.npz", arr_0=images)
+    np.savez(out / "samples.npz", arr_0=images, arr_1=labels.astype(np.int64))
     Image.fromarray(image_grid(images, cfg.grid_max)).save(out / "grid.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
   return {"images": images, "labels": labels, "summary": summary}
@@ -387,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--cfg_scale", type=float, default=d.cfg_scale)
   ap.add_argument("--guide_channels", default="3", help="int, or 'all'")
   ap.add_argument("--guidance_interval", default=None, help="t_lo,t_hi (t=0 noise, t=1 data)")
-  ap.add_argument("--labels", default="random", help="'random' or comma-separated class ids")
+  ap.add_argument("--classes", "--labels", default="random", dest="labels",
+                  help="'random', comma-separated class ids (cycled), or a file of class ids "
+                       "(.npy, .npz with arr_1, or text)")
   ap.add_argument("--seed", type=int, default=d.seed)
   ap.add_argument("--raw_weights", action="store_true", help="raw instead of EMA weights")
   ap.add_argument("--vae", default=None, help="SD-VAE weights (latent models)")
@@ -401,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                   help="official batch-level switching instead of per-sample")
   ap.add_argument("--overwrite", action="store_true")
   ap.add_argument("--no_progress", action="store_true")
+  cli.add_debug_flag(ap)
   return ap
 
 
@@ -440,4 +486,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, "python -m edit_jax.sample")

@@ -37,7 +37,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from etils import epath
@@ -68,6 +67,7 @@ class ConfigError(ValueError):
 
 def default_config() -> ml_collections.ConfigDict:
   """Every training option with the official recipe's values (configs/*.py start from this)."""
+  import ml_collections  # noqa: PLC0415 - only configs need it (not the step, models or benchmarks)
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Model: a name from edit_jax.models.MODEL_NAMES; size fields left at 0 come from the name.
@@ -163,6 +163,10 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
       raise ConfigError(f"config.{k}={config[k]} must be > 0")
   if not 0.0 <= config.ema_decay < 1.0:
     raise ConfigError(f"ema_decay={config.ema_decay} must be in [0, 1)")
+  if model.full_attention_impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ConfigError(f"model.full_attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, but this "
+                      f"run's backend is {jax.default_backend()}: set "
+                      f"--config.model.full_attention_impl= (empty: XLA attention)")
   if config.optim.schedule not in ("constant", "cosine", "linear"):
     raise ConfigError(f"optim.schedule={config.optim.schedule!r}: expected constant, cosine or "
                       "linear")
@@ -170,6 +174,48 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
     elastic_lib.check_config(config, model)
   except ValueError as e:
     raise ConfigError(f"config.elastic: {e}") from e
+  check_optim_config(config)
+  if config.sample.every > 0:
+    try:
+      sampler_config(config.sample)
+    except ValueError as e:
+      raise ConfigError(f"config.sample: {e}") from None
+
+
+def check_optim_config(config):
+  """Raises ConfigError for optimizer settings that cannot train (negative lr, betas >= 1, ...)."""
+  oc = config.optim
+  checks = [
+      ("optim.learning_rate", oc.learning_rate, math.isfinite(oc.learning_rate)
+       and oc.learning_rate > 0, "must be > 0 (the peak learning rate; e.g. 1e-4)"),
+      ("optim.warmup_steps", oc.warmup_steps, oc.warmup_steps >= 0, "must be >= 0"),
+      ("optim.end_lr_factor", oc.end_lr_factor, 0.0 <= oc.end_lr_factor <= 1.0,
+       "must be in [0, 1] (the final lr as a fraction of the peak)"),
+      ("optim.b1", oc.b1, 0.0 <= oc.b1 < 1.0, "must be in [0, 1)"),
+      ("optim.b2", oc.b2, 0.0 <= oc.b2 < 1.0, "must be in [0, 1)"),
+      ("optim.eps", oc.eps, oc.eps > 0, "must be > 0"),
+      ("optim.weight_decay", oc.weight_decay, oc.weight_decay >= 0, "must be >= 0"),
+      ("optim.grad_clip", oc.grad_clip, oc.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+      ("grad_accum_steps", config.grad_accum_steps, config.grad_accum_steps >= 1, "must be >= 1"),
+      ("max_train_seconds", config.max_train_seconds, config.max_train_seconds >= 0,
+       "must be >= 0 (0 = no time limit)"),
+  ]
+  for name, value, ok, rule in checks:
+    if not ok:
+      raise ConfigError(f"{name}={value} {rule}: set --config.{name}=<value>")
+
+
+def check_workdir(workdir: str):
+  """Raises ConfigError when a local ``workdir`` exists but is not a directory."""
+  if "://" in workdir:
+    return
+  p = epath.Path(workdir)
+  for q in [p, *p.parents]:
+    if q.exists() and not q.is_dir():
+      raise ConfigError(f"--workdir={workdir}: {q} is a file, not a directory; pass a directory "
+                        "(it is created when missing)")
+    if q.exists():
+      return
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,8 +289,13 @@ def ema_decay_at(step, decay: float, warmup: bool):
 
 def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps: int = 1,
                     ema_decay: float = 0.9999, ema_warmup: bool = False,
-                    batch_axes=sharding_lib.BATCH, donate: bool = True):
+                    batch_axes=sharding_lib.BATCH, donate: bool = True,
+                    metrics_fn: Callable | None = None):
   """The jitted train step ``(state, batch, rng_base) -> (state, TrainMetrics)``.
+
+  metrics_fn(loss=, grad_norm=, learning_rate=, nonfinite=) builds the step's metrics from scalars;
+  default ``metrics.TrainMetrics.single_from_model_output`` (clu). ``dict`` returns a plain dict
+  of scalars and needs no clu (benchmarks/device_check.py on machines without it).
 
   batch: {"x": (G, H, W, C) float32, "y": (G,) int32}, sharded over ``batch_axes``.
   The per-step rng is ``fold_in(rng_base, state.step)`` (micro-batch i: fold_in(that, i)).
@@ -286,7 +337,7 @@ def make_train_step(loss_fn, tx, schedule, mesh, shardings, *, grad_accum_steps:
     ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
-    m = metrics_lib.TrainMetrics.single_from_model_output(
+    m = (metrics_fn or metrics_lib.TrainMetrics.single_from_model_output)(
         loss=loss, grad_norm=grad_norm, learning_rate=jnp.asarray(schedule(state.step)),
         nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32))
     return new_state, m
@@ -359,22 +410,37 @@ def maybe_initialize_distributed(config=None) -> bool:
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM (and Orbax/TPU preemption notices) into a clean "save and stop" request.
+  """Turns SIGTERM, a first Ctrl-C (SIGINT) and Orbax/TPU preemption notices into a clean "save
+  and stop" request.
 
   In multi-process runs the decision is agreed on every ``sync_every`` steps with one tiny
   all-gather, so every process stops at the same step.
   """
 
-  def __init__(self, sync_every: int = 10):
+  def __init__(self, sync_every: int = 10, handle_sigint: bool = True):
     self.requested = threading.Event()
+    self.interrupted = False
     self.sync_every = max(int(sync_every), 1)
     self._old = None
+    self._old_int = None
     if threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, self._handler)
+      if handle_sigint:
+        self._old_int = signal.signal(signal.SIGINT, self._sigint)
 
   def _handler(self, signum, frame):  # noqa: ARG002
     logging.warning("received signal %d: will save a checkpoint and exit", signum)
     self.requested.set()
+
+  def _sigint(self, signum, frame):  # noqa: ARG002
+    """First Ctrl-C: save at the next step and stop; a second one interrupts at once."""
+    logging.warning("Ctrl-C: saving a checkpoint at the next step, then stopping (press Ctrl-C "
+                    "again to stop without saving)")
+    self.interrupted = True
+    self.requested.set()
+    if self._old_int is not None:
+      signal.signal(signal.SIGINT, self._old_int)
+      self._old_int = None
 
   def should_stop(self, step: int, checkpointer: ckpt_lib.Checkpointer | None) -> bool:
     local = self.requested.is_set()
@@ -390,6 +456,9 @@ class PreemptionWatcher:
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
       self._old = None
+    if self._old_int is not None:
+      signal.signal(signal.SIGINT, self._old_int)
+      self._old_int = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,14 +472,27 @@ def sample_labels(config, num_classes: int) -> np.ndarray:
   return np.repeat(np.asarray(classes, np.int32), int(config.sample.per_class))
 
 
-def make_sampler(config, model, transport, mesh, ema_shardings):
-  """A jitted ``(ema_params, x0, y) -> samples`` with edit_jax.diffusion.samplers (EMA model, CFG)."""
-  from edit_jax.diffusion import samplers  # noqa: PLC0415
-  sc = config.sample
+def sampler_config(sc):
+  """The validated ``edit_jax.diffusion.samplers`` config of ``config.sample`` (ValueError)."""
+  from edit_jax.diffusion import guidance, samplers  # noqa: PLC0415
   if sc.method in ("Euler", "Heun"):
     cfg = samplers.SDEConfig(method=sc.method, num_steps=sc.num_steps)
   else:
     cfg = samplers.ODEConfig(method=sc.method, num_steps=sc.num_steps)
+  cfg = cfg.validate()
+  if sc.num_steps < 2:
+    raise ValueError(f"num_steps={sc.num_steps} must be >= 2 (grid points)")
+  if sc.per_class < 1:
+    raise ValueError(f"per_class={sc.per_class} must be >= 1")
+  guidance.check_guidance(sc.cfg_scale, None, None)
+  return cfg
+
+
+def make_sampler(config, model, transport, mesh, ema_shardings):
+  """A jitted ``(ema_params, x0, y) -> samples`` with edit_jax.diffusion.samplers (EMA model, CFG)."""
+  from edit_jax.diffusion import samplers  # noqa: PLC0415
+  sc = config.sample
+  cfg = sampler_config(sc)
   gc = None if sc.guide_channels is None or sc.guide_channels < 0 else int(sc.guide_channels)
   if gc is not None and gc > model.in_channels:
     gc = None
@@ -438,17 +520,50 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+# Model fields that change how the model is computed, not what it is: a checkpoint resumes across
+# them (e.g. written with the XLA attention on CPU, resumed with the Pallas kernel in bfloat16).
+RUNTIME_MODEL_FIELDS = ("attention_impl", "full_attention_impl", "dtype", "remat")
+
+
+def _flat_config(d, prefix=""):
+  out = {}
+  for k, v in (d or {}).items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def compare_with_checkpoint(config, model, meta) -> tuple[list[str], list[str]]:
+  """(blocking, other) differences between this run and a checkpoint's ``meta``.
+
+  blocking: model fields that define the architecture (``model.<field>: saved -> now``); the
+  other list: every other config field that differs (informative; the optimizer state's
+  tensors are compared separately by the checkpointer).
+  """
+  now = models.model_config(model)
+  saved = meta.get("model_config") or {}
+  blocking = [f"model.{k}: {saved[k]!r} -> {now[k]!r}" for k in now
+              if k in saved and k not in RUNTIME_MODEL_FIELDS and saved[k] != now[k]]
+  flat_saved = _flat_config(meta.get("config"))
+  flat_now = _flat_config(_config_json(config))
+  others = [f"{k}: {flat_saved[k]!r} -> {flat_now[k]!r}" for k in sorted(flat_now)
+            if k in flat_saved and flat_saved[k] != flat_now[k] and not k.startswith("model.")]
+  return blocking, others
+
+
 def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
   abstract, shardings = state_shardings(model, tx, mesh, rules, config.fsdp_min_size)
   target = ckpt_lib.abstract_with_shardings(abstract, shardings)
-  restored = ckpt.restore(target)
+  restored = ckpt.restore(target, compare_meta=lambda meta: compare_with_checkpoint(
+      config, model, meta))
   if restored is not None:
     state, meta = restored
-    saved = meta.get("model_config")
-    if saved and saved != models.model_config(model):
-      diff = {k: (saved.get(k), v) for k, v in models.model_config(model).items()
-              if saved.get(k) != v}
-      logging.warning("model config differs from the checkpoint's (saved, now): %s", diff)
+    _, others = compare_with_checkpoint(config, model, meta)
+    if others:
+      logging.info("config differs from the checkpoint's (checkpoint -> now): %s",
+                   "; ".join(others))
     logging.info("resumed from %s step %d", ckpt.directory, int(meta["step"]))
     return state, shardings, meta
   state, _ = create_train_state(model, tx, mesh, init_rng, rules, config.fsdp_min_size)
@@ -481,8 +596,14 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains until ``config.num_train_steps`` (resuming from ``workdir``); returns a summary.
 
-  Summary: {"step", "loss" (last logged), "stopped" ("done" | "preempted" | "time_limit"),
-  "workdir", "state" (the final TrainState)}.
+  Summary: {"step", "total", "loss" (last logged), "stopped" ("done" | "preempted" (SIGTERM) |
+  "interrupted" (Ctrl-C) | "time_limit"), "workdir", "state" (the final TrainState), "samples"
+  (PNG of this step's samples or None), "digit_accuracy" (digits data: share of those samples the
+  offline classifier assigns to their label, else None), "digit_samples"}.
+  Nothing is written to ``workdir`` before the config, the data, the mesh and the checkpoint (a
+  checkpoint of another configuration raises ``CheckpointMismatchError`` naming what differs)
+  have been validated. Re-running a finished run trains nothing and writes its final samples if
+  they are missing.
   Raises FloatingPointError when the loss becomes non-finite (nothing is saved after the last
   finite check, so the last checkpoint stays good), ConfigError / MeshError / DataError for bad
   settings.
@@ -494,6 +615,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pidx, pcount = jax.process_index(), jax.process_count()
   is_main = pidx == 0
 
+  check_workdir(workdir)
   model = get_model(config)
   transport = get_transport(config)
   mesh = sharding_lib.make_mesh(config.mesh_shape, tuple(config.mesh_axes))
@@ -506,9 +628,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, schedule = make_optimizer(config)
 
   wd = epath.Path(workdir)
-  if is_main:
-    wd.mkdir(parents=True, exist_ok=True)
-    ckpt_lib.write_json(wd / "config.json", _config_json(config))
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints,
                                async_save=config.async_checkpointing)
   base = jax.random.key(config.seed)
@@ -525,6 +644,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         loss_fn, tx, schedule, mesh, shardings, grad_accum_steps=config.grad_accum_steps,
         ema_decay=config.ema_decay, ema_warmup=config.ema_warmup, batch_axes=sharding_lib.BATCH))
     bsh = sharding_lib.batch_sharding(mesh)
+    sampler = vae_state = None
+    if config.sample.every > 0:
+      sampler = make_sampler(config, model, transport, mesh, shardings.ema_params)
+      if config.sample.vae_path:
+        from edit_jax.eval import vae  # noqa: PLC0415
+        vae_state = vae.load_vae_params(config.sample.vae_path)
+    # Everything is validated and the checkpoint (if any) fits: only now touch the workdir.
+    if is_main:
+      ckpt_lib.write_json(wd / "config.json", _config_json(config))
     writer = metrics_lib.Writer(str(wd / "tensorboard"), enabled=is_main)
     if is_main:
       metrics_lib.log_parameter_overview(state.params)
@@ -537,12 +665,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flops_per_image = 2.0 * 3.0 * step_for.forward_gflops() * 1e9
     peak = metrics_lib.peak_tflops_per_device(override=config.peak_tflops_per_device)
     total = int(config.num_train_steps)
-    sampler = vae_state = None
-    if config.sample.every > 0:
-      sampler = make_sampler(config, model, transport, mesh, shardings.ema_params)
-      if config.sample.vae_path:
-        from edit_jax.eval import vae  # noqa: PLC0415
-        vae_state = vae.load_vae_params(config.sample.vae_path)
     labels = sample_labels(config, pipeline.num_classes)
     sample_key = jax.random.key(config.sample.seed)
     # Host arrays: valid jit inputs (replicated) on every process of a multi-host run.
@@ -580,8 +702,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.image(step, "samples", grid, png_path=path)
         metrics_lib.save_png(str(wd / "samples" / "latest.png"), grid)
         logging.info("step %d: wrote %s", step, path)
+        acc = None
         if config.sample.get("digit_accuracy", False) and config.data.name == "digits":
-          _log_digit_accuracy(step, x, labels, writer)
+          acc = _log_digit_accuracy(step, x, labels, writer)
+        ckpt_lib.write_json(wd / "samples" / LATEST_SAMPLES, {
+            "step": step, "num_train_steps": total, "png": path, "num_samples": len(labels),
+            "digit_accuracy": acc})
+        sampled["info"] = {"step": step, "digit_accuracy": acc, "num_samples": len(labels),
+                           "png": path}
+
+    sampled = {"info": _read_latest_samples(wd) if is_main else None}
 
     watcher = PreemptionWatcher(config.preemption_sync_every)
     it = pipeline.iterate(start)
@@ -645,12 +775,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           break
         if step < total and watcher.should_stop(step, ckpt):
           if last_saved != step:
-            save(step, "preemption/SIGTERM")
+            save(step, "Ctrl-C" if watcher.interrupted else "preemption/SIGTERM")
             last_saved = step
-          stopped = "preempted"
-          logging.warning("stopping at step %d after a termination request; resume by rerunning "
-                          "the same command", step)
+          stopped = "interrupted" if watcher.interrupted else "preempted"
+          logging.warning("stopping at step %d of %d after %s; continue by rerunning the same "
+                          "command", step, total,
+                          "Ctrl-C" if watcher.interrupted else "a termination request")
           break
+      if start >= total and sampler is not None:
+        # Already trained (a re-run, or a run stopped between its final save and its samples):
+        # write the final samples if they are missing, train nothing.
+        info = sampled["info"]
+        if _agree(not info or info.get("step") != step):
+          write_samples(step)
     finally:
       watcher.close()
       ckpt.wait()
@@ -661,8 +798,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_main:
     logging.info("finished at step %d (%s) in %s", step, stopped,
                  metrics_lib.format_duration(elapsed))
-  return {"step": step, "loss": last_scalars.get("loss", float("nan")), "stopped": stopped,
-          "workdir": workdir, "state": state}
+  info = sampled["info"] or {}
+  return {"step": step, "total": total, "loss": last_scalars.get("loss", float("nan")),
+          "stopped": stopped, "workdir": workdir, "state": state,
+          "samples": info.get("png") if info.get("step") == step else None,
+          "digit_accuracy": info.get("digit_accuracy") if info.get("step") == step else None,
+          "digit_samples": info.get("num_samples")}
+
+
+# samples/latest.json: {"step", "num_train_steps", "png", "num_samples", "digit_accuracy"}
+LATEST_SAMPLES = "latest.json"
+
+
+def _read_latest_samples(wd) -> dict | None:
+  try:
+    return json.loads((wd / "samples" / LATEST_SAMPLES).read_text())
+  except Exception:  # noqa: BLE001 - missing or unreadable: treated as "no samples yet"
+    return None
 
 
 def _log_digit_accuracy(step, samples, labels, writer):
@@ -673,10 +825,11 @@ def _log_digit_accuracy(step, samples, labels, writer):
     acc = digits.conditional_accuracy(np.clip(samples, -1.0, 1.0), labels)
   except Exception as e:  # noqa: BLE001 - a metric must never stop training
     logging.warning("digit accuracy unavailable: %s", e)
-    return
+    return None
   logging.info("step %d: %.1f%% of the %d sampled digits are classified as their label "
                "(offline classifier)", step, 100 * acc, len(labels))
   writer.scalars(step, {"sample_digit_accuracy": acc})
+  return float(acc)
 
 
 def _agree(flag: bool) -> bool:

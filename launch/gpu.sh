@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train edit_jax on GPUs: one process per node drives all of the node's GPUs.
 #
-#   bash launch/gpu.sh setup                                   # venv + jax[cuda12] + edit_jax
+#   bash launch/gpu.sh setup              # venv + jax[cuda12|cuda13] (from nvidia-smi) + edit_jax
 #   CONFIG=configs/sit.py:B2-med64 WORKDIR=runs/b2-med64 \
 #     bash launch/gpu.sh train --config.data.path=/data/latents256 --config.model.dtype=bfloat16
 #
@@ -18,9 +18,24 @@ PYTHON=${PYTHON:-python3.11}
 cmd=${1:-help}; shift || true
 case "$cmd" in
   setup)
+    # The CUDA wheels must match the driver: nvidia-smi reports the newest CUDA it supports.
+    if ! command -v nvidia-smi >/dev/null; then
+      echo "gpu.sh setup: nvidia-smi not found: this machine has no NVIDIA driver (for CPU use" \
+           "bash launch/quickstart.sh or pip install -r requirements.txt)" >&2
+      exit 2
+    fi
+    CUDA_MAJOR=$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -1)
+    case "$CUDA_MAJOR" in
+      12) CUDA_EXTRA=cuda12 ;;
+      1[3-9]) CUDA_EXTRA=cuda13 ;;
+      *) echo "gpu.sh setup: the NVIDIA driver supports CUDA '${CUDA_MAJOR:-unknown}'; jax needs" \
+              "CUDA 12 or 13: update the driver" >&2
+         exit 2 ;;
+    esac
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    # jax[cuda] from the same version range as requirements.txt (never "whatever is newest").
     JAX_SPEC=$(grep -E '^jax[><=]' requirements.txt | head -1 | sed 's/^jax//')
-    .venv/bin/pip install -q -r requirements.txt "jax[cuda12]$JAX_SPEC"
+    .venv/bin/pip install -q -r requirements.txt "jax[$CUDA_EXTRA]$JAX_SPEC"
     .venv/bin/pip install -q --no-deps -e .
     .venv/bin/python -c "import jax; print(jax.devices())" ;;
   train)

@@ -38,19 +38,29 @@ case "$cmd" in
     gcloud compute tpus tpu-vm create "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG \
       --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" ${SPOT:+--spot} ;;
   setup)
-    tar --exclude=.venv --exclude=.git --exclude=runs --exclude=.jax_cache -czf /tmp/edit_jax_src.tgz .
-    gcloud compute tpus tpu-vm scp /tmp/edit_jax_src.tgz "$TPU_NAME":/tmp/ --zone="$ZONE" \
+    # jax[tpu] from the same version range as requirements.txt (never "whatever is newest").
+    JAX_SPEC=$(grep -E '^jax[><=]' requirements.txt | head -1 | sed 's/^jax//')
+    TARBALL=$(mktemp "${TMPDIR:-/tmp}/edit_jax_src.XXXXXX.tgz")
+    tar --exclude=.venv --exclude=.git --exclude=runs --exclude=.jax_cache -czf "$TARBALL" .
+    gcloud compute tpus tpu-vm scp "$TARBALL" "$TPU_NAME":/tmp/ --zone="$ZONE" \
       $PROJECT_FLAG --worker=all
-    all "mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/edit_jax_src.tgz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR \
-      && (python3.11 -m venv .venv || python3 -m venv .venv) && .venv/bin/pip install -q -U pip \
-      && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]' google-cloud-storage gcsfs \
+    REMOTE_TGZ=/tmp/$(basename "$TARBALL")
+    rm -f "$TARBALL"
+    all "set -e; command -v python3.11 >/dev/null || (sudo apt-get update -qq \
+      && sudo apt-get install -y -qq python3.11 python3.11-venv); mkdir -p ~/$REMOTE_DIR \
+      && tar -xzf $REMOTE_TGZ -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR \
+      && python3.11 -m venv .venv && .venv/bin/pip install -q -U pip \
+      && .venv/bin/pip install -q -r requirements.txt $(printf %q "jax[tpu]$JAX_SPEC") \
+         google-cloud-storage gcsfs \
       && .venv/bin/pip install -q --no-deps -e . \
       && .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_devices())'" ;;
   train)
-    EXTRA=$(printf ' %q' "$@")
+    EXTRA=""
+    if [ "$#" -gt 0 ]; then EXTRA=$(printf ' %q' "$@"); fi
     all "cd ~/$REMOTE_DIR && EDIT_JAX_DISTRIBUTED=1 nohup .venv/bin/python -m edit_jax.main \
-      --config=$CONFIG --workdir=$WORKDIR $EXTRA > train.log 2>&1 < /dev/null &
-      echo started on \$(hostname): workdir $WORKDIR" ;;
+      $(printf %q "--config=$CONFIG") $(printf %q "--workdir=$WORKDIR")$EXTRA \
+      > train.log 2>&1 < /dev/null &
+      echo started on \$(hostname): workdir $(printf %q "$WORKDIR")" ;;
   logs)
     gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=0 \
       --command="tail -n 100 -f ~/$REMOTE_DIR/train.log" ;;

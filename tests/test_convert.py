@@ -118,10 +118,84 @@ def test_cli_writes_orbax_and_never_overwrites(tmp_path, golden_dir, io, capsys)
     convert.load_converted(tmp_path)
 
 
-def test_torch_pt_file(tmp_path, med_sd, io):
-  torch = pytest.importorskip("torch")
-  path = tmp_path / "ckpt.pt"
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in med_sd.items()},
-              "ema": {k: torch.from_numpy(v) for k, v in med_sd.items()}, "args": None}, path)
-  model, params = convert.load_torch_checkpoint(path)
-  np.testing.assert_allclose(_out(model, params, io), io["out"].transpose(0, 2, 3, 1), atol=1e-5)
+def test_official_pt_file_without_torch(golden_dir, med_sd, io):
+  """tests/golden/mediator_tiny_ckpt.pt was written by torch.save (torch 2.13, see the README):
+  an official-style training checkpoint read here without torch (edit_jax.pt_reader)."""
+  path = golden_dir / "mediator_tiny_ckpt.pt"
+  model, params = convert.load_torch_checkpoint(path)  # "ema" by default
+  ref = io["out"].transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(_out(model, params, io), ref, atol=1e-5)
+  back = convert.params_to_state_dict(params, model)
+  for k in med_sd:
+    np.testing.assert_array_equal(back[k], med_sd[k], err_msg=k)
+  # "model" differs from "ema" in final_layer.linear.bias (+1): the choice is honoured.
+  sd = convert.read_state_dict(path, use_ema=False)
+  np.testing.assert_array_equal(sd["final_layer.linear.bias"], med_sd["final_layer.linear.bias"] + 1)
+  np.testing.assert_array_equal(sd["blocks.1.attn.an_bias"], med_sd["blocks.1.attn.an_bias"])
+
+
+def test_pt_reader_tensors_and_args(golden_dir, med_sd):
+  from edit_jax import pt_reader  # noqa: PLC0415
+  obj = pt_reader.load(golden_dir / "mediator_tiny_ckpt.pt")
+  assert obj["args"].global_batch_size == 256 and obj["train_steps"] == 3
+  st = obj["opt"]["state"][0]
+  w = med_sd["blocks.0.mlp.fc1.weight"]
+  t = np.asarray(st["exp_avg_t"])  # a transposed view: strides (1, 96) over fc1's storage
+  assert t.shape == w.T.shape and t.flags["C_CONTIGUOUS"]
+  np.testing.assert_array_equal(t, w.T)
+  bf = np.asarray(st["bf16"])
+  assert bf.dtype.name == "bfloat16"
+  np.testing.assert_array_equal(bf.astype(np.float32), np.arange(6.0).reshape(2, 3))
+  ids = np.asarray(st["ids"])
+  assert ids.dtype == np.int64 and ids.tolist() == [0, 1, 2, 3, 4]
+  assert np.asarray(st["step"]).shape == () and float(np.asarray(st["step"])) == 3.0
+
+
+def _zip_pickle(path, payload: bytes):
+  import zipfile  # noqa: PLC0415
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", payload)
+    z.writestr("archive/byteorder", "little")
+
+
+class _Evil:
+  def __init__(self, target):
+    self.target = target
+
+  def __reduce__(self):
+    import os  # noqa: PLC0415
+    return (os.makedirs, (self.target,))
+
+
+def test_pt_reader_refuses_code_and_explains(tmp_path):
+  import pickle  # noqa: PLC0415
+  from edit_jax import pt_reader  # noqa: PLC0415
+  target = tmp_path / "pwned"
+  path = tmp_path / "evil.pt"
+  _zip_pickle(path, pickle.dumps({"model": _Evil(str(target))}, protocol=2))
+  with pytest.raises(pt_reader.UnsafePickleError, match=r"refers to (posix|os)\.makedirs.*cannot "
+                     r"run code"):
+    pt_reader.load(path)
+  assert not target.exists()
+  legacy = tmp_path / "legacy.pt"
+  legacy.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+  with pytest.raises(pt_reader.LegacyFormatError, match="not a zip-format torch.save file"):
+    pt_reader.load(legacy)
+  # The converter turns both into one clear error (torch is not installed in CI).
+  with pytest.raises((ValueError, pickle.UnpicklingError), match="torch"):
+    convert.load_torch_checkpoint(path)
+
+
+def test_pt_reader_truncated_storage(tmp_path, golden_dir):
+  import zipfile  # noqa: PLC0415
+  from edit_jax import pt_reader  # noqa: PLC0415
+  src = zipfile.ZipFile(golden_dir / "mediator_tiny_ckpt.pt")
+  bad = tmp_path / "trunc.pt"
+  with zipfile.ZipFile(bad, "w") as z:
+    for n in src.namelist():
+      data = src.read(n)
+      z.writestr(n, data[:len(data) // 2] if n.endswith("/data/0") else data)
+  obj = pt_reader.load(bad)
+  with pytest.raises(ValueError, match="truncated or corrupt"):
+    for v in obj["ema"].values():
+      np.asarray(v)

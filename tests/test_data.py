@@ -155,12 +155,27 @@ def test_prepare_latents_with_stub_encoder(tmp_path):
 
 
 def test_tfds_array_record_mock():
+  """Batches hold the dataset's own records: image / 127.5 - 1 and the label of the same record,
+  in the order of grain's seeded permutation (8 mock examples = one epoch in 2 batches)."""
+  import grain  # noqa: PLC0415
   import tensorflow_datasets as tfds  # noqa: PLC0415
   with tfds.testing.mock_data(num_examples=8):
     c = cfg(name="tfds", tfds_name="mnist", image_size=28, channels=1, num_classes=10)
     p = data.make_pipeline(c, seed=0, global_batch_size=4)
-    b = p.batch(1)
-  assert b["x"].shape == (4, 28, 28, 1) and b["y"].shape == (4,)
+    b0, b1 = p.batch(0), p.batch(1)
+    src = tfds.data_source("mnist", split="train")
+    recs = [src[i] for i in range(len(src))]
+  assert len(recs) == 8 and p.num_classes == 10
+  assert b1["x"].shape == (4, 28, 28, 1) and b1["y"].shape == (4,)
+  order = [int(i) for i in grain.MapDataset.range(8).shuffle(seed=0)]
+  assert sorted(order) == list(range(8)) and order != list(range(8))
+  x = np.concatenate([b0["x"], b1["x"]])
+  y = np.concatenate([b0["y"], b1["y"]])
+  for row, i in enumerate(order):
+    img = np.asarray(recs[i]["image"]).reshape(28, 28, 1)
+    np.testing.assert_array_equal(x[row], img.astype(np.float32) / 127.5 - 1.0, err_msg=str(row))
+    assert y[row] == int(recs[i]["label"]), row
+  assert len({float(v.mean()) for v in x}) == 8  # eight different mock images
 
 
 @pytest.mark.parametrize("kw,msg", [

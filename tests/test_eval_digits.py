@@ -98,3 +98,48 @@ def test_cache_round_trip(tmp_path, trained, monkeypatch, split):
   (tmp_path / "old.msgpack").write_bytes(serialization.msgpack_serialize({"version": 0}))
   with pytest.raises(ValueError, match="delete it to retrain"):
     digits.load_classifier(tmp_path / "old.msgpack")
+
+
+def test_accepts_the_samplers_rgb_output(split):
+  """`sample_images` / samples.npz hold the 1-channel digit repeated to 3 uint8 channels."""
+  hx = split[2][:4]
+  u8 = np.clip(127.5 * hx + 128.0, 0, 255).astype(np.uint8)          # edit_jax.sample.to_uint8
+  rgb = np.repeat(u8, 3, axis=-1)
+  assert rgb.shape == (4, 32, 32, 3)
+  np.testing.assert_array_equal(digits.to_model_layout(rgb), digits.to_model_layout(u8))
+  np.testing.assert_allclose(digits.to_model_layout(rgb), hx, atol=1 / 127.5)
+  np.testing.assert_allclose(digits.to_model_layout(np.repeat(hx, 3, -1)), hx, atol=1e-6)
+
+
+def test_cli_scores_a_sample_directory(trained, split, tmp_path, capsys):
+  params, info = trained
+  clf = digits.save_classifier(tmp_path / "clf.msgpack", params, info)
+  hx, hy = split[2], split[3]
+  rgb = np.repeat(np.clip(127.5 * hx + 128.0, 0, 255).astype(np.uint8), 3, axis=-1)
+  out = tmp_path / "samples"
+  out.mkdir()
+  wrong = (hy + 1) % 10
+  wrong[: len(hy) // 2] = hy[: len(hy) // 2]                           # half right, half wrong
+  np.savez(out / "samples.npz", arr_0=rgb, arr_1=wrong.astype(np.int64))
+  res = digits.main(["--samples", str(out), "--classifier", str(clf),
+                     "--json", str(tmp_path / "d.json")])
+  expect = digits.conditional_accuracy(hx, wrong, params)
+  assert 0.45 < expect < 0.55 and res["accuracy"] == pytest.approx(expect)
+  assert res["num_samples"] == 500
+  assert set(res["per_class_accuracy"]) == {str(c) for c in np.unique(wrong)}
+  real, _ = digits.real_digits()
+  assert res["frechet_digit_distance"] == pytest.approx(
+      digits.frechet_digit_distance(digits.to_model_layout(rgb), real, params), rel=1e-5)
+  assert f"{100 * expect:.1f}% classified as their label" in capsys.readouterr().out
+  assert (tmp_path / "d.json").is_file()
+  # --labels overrides / supplies labels; an .npz without labels asks for them.
+  np.savez(out / "nolabels.npz", arr_0=rgb)
+  res = digits.main(["--samples", str(out / "nolabels.npz"), "--classifier", str(clf),
+                     "--labels", ",".join(map(str, hy))])
+  assert res["accuracy"] == pytest.approx(digits.conditional_accuracy(hx, hy, params))
+  with pytest.raises(ValueError, match=r"holds no labels .*pass --labels"):
+    digits.main(["--samples", str(out / "nolabels.npz"), "--classifier", str(clf)])
+  with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    digits.main(["--samples", str(out), "--classifier", str(clf), "--json", str(tmp_path / "d.json")])
+  with pytest.raises(FileNotFoundError, match=r"samples.npz does not exist"):
+    digits.main(["--samples", str(tmp_path), "--classifier", str(clf)])

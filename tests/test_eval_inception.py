@@ -181,3 +181,35 @@ def test_load_from_npz(tmp_path):
   p = inc.load_inception_params(tmp_path / "inception.npz")
   np.testing.assert_array_equal(np.asarray(p["Mixed_5b"]["branch5x5_2"]["conv"]["kernel"]),
                                 sd["Mixed_5b.branch5x5_2.conv.weight"].transpose(2, 3, 1, 0))
+
+
+def _make_refs_module():
+  import importlib.util  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+  path = pathlib.Path(__file__).parent / "golden" / "make_torch_refs.py"
+  spec = importlib.util.spec_from_file_location("make_torch_refs", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_matches_pytorch_fid_reference(golden_dir):
+  """pytorch-fid 0.3.0's own FID InceptionV3 (fid_inception_v3, PyTorch) on seeded weights, run
+  once (tests/golden/make_torch_refs.py) on two 75x75 images: pool_3, the sFID Mixed_6d.branch1x1
+  features and the IS logits must match the Flax port (no resize: the torch side was fed
+  (x - 128) / 128, the port's own normalisation)."""
+  refs = _make_refs_module()
+  ref = dict(np.load(golden_dir / "inception_fid_ref.npz"))
+  sd = refs.inception_weights(torch_names_and_shapes())
+  # Same random weights as when the reference was made (a numpy change would show here first).
+  np.testing.assert_allclose(refs.weights_fingerprint(sd), ref["fingerprint"], rtol=1e-9)
+  p = inc.convert_inception_state_dict(sd)
+  model = inc.InceptionV3(resize_to=None)
+  assert ref["images"].dtype == np.uint8 and ref["images"].shape == (2, 75, 75, 3)
+  # Same program as test_convert_and_forward_small_input (the compilation cache serves it).
+  out, _ = jax.jit(lambda p, x: model.apply({"params": p}, x, capture_intermediates=True))(
+      p, ref["images"])
+  for k in ("pool", "spatial", "logits"):
+    want = ref[k]
+    assert np.abs(want).max() > 0.1, k  # non-degenerate activations
+    np.testing.assert_allclose(np.asarray(out[k]), want, atol=5e-6 * np.abs(want).max(), err_msg=k)

@@ -206,17 +206,51 @@ def test_bad_call_inputs():
     model.apply({"params": params}, jnp.zeros((1, 8, 8, 4)), t, np.array([-1]))
 
 
+def _softmax(a):
+  e = np.exp(a - a.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
 def test_attention_maps_collection():
-  """Effective attention rows are sown on request: rows sum to 1; mediator maps = A2 @ A1."""
+  """Effective attention rows are sown on request and are really what the layer applies:
+  full attention sows softmax(q k^T / sqrt(hd)); mediator attention sows A2 @ A1 with
+  A1 = softmax_N(m k^T / sqrt(hd) + bias1), A2 = softmax_n(q m^T / sqrt(hd) + bias2), recomputed here
+  in numpy from the layer's own q, k (its qkv output) and cached biases; and map @ v equals the
+  attention core's output."""
+  from edit_jax.kernels.reference import mediator_attention_reference  # noqa: PLC0415
+  b, h, hd, g = 3, 2, 32, 4
   for n in (0, 4):
-    model = models.build_model("SiT-S/2", input_size=8, depth=2, hidden_size=64, num_heads=2,
+    model = models.build_model("SiT-S/2", input_size=8, depth=2, hidden_size=64, num_heads=h,
                                num_classes=10, mediator_num=n)
-    params = models.init_params(model, jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 4))
-    out, state = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.full((3,), 0.5),
-                                                  jnp.arange(3), mutable=["attention_maps"]))(params, x)
+    rng = np.random.default_rng(5)  # random weights and biases: the maps depend on them
+    params = jax.tree.map(lambda a: (np.asarray(a) + 0.1 * rng.standard_normal(a.shape)).astype(
+        np.float32), models.init_params(model, jax.random.key(0)))
+    x = jax.random.normal(jax.random.key(1), (b, 8, 8, 4))
+    _, state = jax.jit(lambda p, x: model.apply(
+        {"params": p}, x, jnp.full((b,), 0.5), jnp.arange(b),
+        mutable=["attention_maps", "intermediates"], capture_intermediates=True))(params, x)
     maps = state["attention_maps"]
     assert sorted(maps) == ["blocks_0", "blocks_1"]
-    probs = maps["blocks_0"]["attn"]["probs"][0]
-    assert probs.shape == (3, 2, 16, 16)
-    np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
+    for blk in ("blocks_0", "blocks_1"):
+      probs = np.asarray(maps[blk]["attn"]["probs"][0], np.float64)
+      assert probs.shape == (b, h, 16, 16)
+      np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+      qkv = np.asarray(state["intermediates"][blk]["attn"]["qkv"]["__call__"][0], np.float64)
+      qkv = qkv.reshape(b, 16, 3, h, hd) if n == 0 else qkv.reshape(b, 16, 3, h * hd)
+      if n == 0:  # timm layout: (3, h, hd) per token
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        want = _softmax(np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd))
+      else:  # official mediator layout: q | k | v, each (h, hd)
+        q, k, v = (qkv[:, :, i].reshape(b, 16, h, hd) for i in range(3))
+        m = q.reshape(b, 2, 2, 2, 2, h, hd).mean(axis=(2, 4)).reshape(b, 4, h, hd)  # 2x2 pools
+        cache = jax.jit(lambda p: models.precompute_mediator_biases(model, p))(params)[
+            "mediator_cache"][blk]["attn"]
+        b1, b2 = np.asarray(cache["bias1"], np.float64), np.asarray(cache["bias2"], np.float64)
+        a1 = _softmax(np.einsum("bmhd,bkhd->bhmk", m, k) / np.sqrt(hd) + b1)
+        a2 = _softmax(np.einsum("bqhd,bmhd->bhqm", q, m) / np.sqrt(hd) + b2)
+        want = a2 @ a1
+        core = np.asarray(jax.jit(mediator_attention_reference)(*(
+            np.asarray(a, np.float32) for a in (q, k, v, m, b1, b2))), np.float64)
+        np.testing.assert_allclose(np.einsum("bhqk,bkhd->bqhd", probs, v), core, atol=1e-4)
+      assert np.abs(want - 1 / 16).max() > 0.05  # far from uniform: a real test
+      np.testing.assert_allclose(probs, want, atol=2e-5)

@@ -71,7 +71,12 @@ def _fake_parts():
   quality = {"command": "python benchmarks/report.py --parts quality", **machine,
              "train_steps": 20, "checkpoints": [10, 20], "num_samples": 50, "sample_steps": 10,
              "sampler": "Euler ODE", "eval_seed": 0, "classifier": {"held_out_accuracy": 0.98},
-             "real_reference": {"num": 50, "fdd": 30.0, "accuracy": 0.98},
+             "real_reference": {"num": 50, "fdd": 30.0, "accuracy": 0.98, "per_class": [5] * 10},
+             "train_config": {"global_batch_size": 48, "depth": 3, "hidden_size": 96,
+                              "num_heads": 4, "patch_size": 4, "image_size": 32, "channels": 1,
+                              "tokens": 64, "params": 1_234_567, "schedule": "cosine",
+                              "learning_rate": 3e-3, "warmup_steps": 100,
+                              "quickstart_steps": 1700, "fdd_reference_digits": 4500},
              "eval_noise_check": {"attention": "full", "step": 20, "seeds": [0, 1],
                                   "fdd": [40.0, 44.0], "accuracy": [0.9, 0.8]},
              "rows": [{"attention": report.attn_label(n), "mediators": n, "seed": s,
@@ -162,3 +167,73 @@ def test_rarely_switching_schedule_is_flagged():
   text = report.build_markdown({"dynamic_sde": parts["dynamic"]}, {})
   assert "## 4b. Dynamic mediator schedule (Euler SDE)" in text
   assert "- For 2 of the 2 rho pairs the samples spend >= 95% of the steps at n = 4" in text
+
+
+def test_stratified_subset_covers_every_class():
+  import numpy as np  # noqa: PLC0415
+  from edit_jax.eval import digits  # noqa: PLC0415
+  _, _, _, hy = digits.digits_split()
+  assert list(hy[:300]) == sorted(hy[:300])  # held-out digits come sorted by class:
+  assert set(hy[:300]) != set(range(10))     # the first 300 miss classes
+  idx = report.stratified_subset(hy, 300)
+  assert len(idx) == len(set(idx.tolist())) == 300
+  np.testing.assert_array_equal(np.bincount(hy[idx], minlength=10), [30] * 10)
+  idx = report.stratified_subset(hy, 25)
+  np.testing.assert_array_equal(np.bincount(hy[idx], minlength=10), [3] * 5 + [2] * 5)
+  assert len(report.stratified_subset(hy, 10 ** 6)) == len(hy)
+  with pytest.raises(ValueError, match="class 1 has 1 examples, fewer than the 2"):
+    report.stratified_subset(np.array([0, 0, 0, 0, 1]), 4)
+
+
+def test_experiment_text_comes_from_the_recorded_config():
+  """Batch, model and the quickstart's own step count are read from the results' train_config,
+  never written into the text by hand."""
+  parts = _fake_parts()
+  text = report.build_markdown(parts, {})
+  assert ("model (3 blocks, width 96, 4 heads, patch 4 on 32x32x1 digits, 64 tokens, 1,234,567 "
+          "parameters) trained for 20 steps (batch 48, lr 0.003 with 100 warm-up steps and the "
+          "cosine schedule over 20 steps; the quickstart itself trains 1,700)") in text
+  assert "FDD against the 4,500 training digits" in text
+  assert "50 held-out real digits (5 of each class) score FDD 30.0, accuracy 0.980" in text
+  assert "1.2M-parameter quickstart model, 20 steps at batch 48 (the quickstart config trains 1,700)" in text
+  assert "batch 64" not in text and "3,000" not in text
+
+
+def test_experiment_description_reads_the_quickstart_config():
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location("qs", report.ROOT / "configs" / "quickstart.py")
+  qs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(qs)
+  c = qs.get_config()
+  d = report.experiment_description(600, 4, 4500)
+  assert d["global_batch_size"] == c.global_batch_size
+  assert d["quickstart_steps"] == c.num_train_steps
+  assert (d["depth"], d["hidden_size"], d["patch_size"], d["tokens"]) == (
+      c.model.depth, c.model.hidden_size, c.model.patch_size,
+      (c.model.input_size // c.model.patch_size) ** 2)
+  assert 1.0e6 < d["params"] < 2.0e6 and d["fdd_reference_digits"] == 4500
+
+
+def test_committed_results_floor_is_stratified():
+  """docs/results.md's real-data floor comes from a stratified selection (every class)."""
+  q = report.read_part("quality")
+  ref = q["real_reference"]
+  assert ref["per_class"] == [ref["num"] // 10] * 10
+  text = (report.ROOT / "docs" / "results.md").read_text()
+  assert f"score FDD {ref['fdd']:.1f}, accuracy {ref['accuracy']:.3f}" in text
+
+
+def test_real_reference_scores_every_class(monkeypatch):
+  import numpy as np  # noqa: PLC0415
+  seen = {}
+
+  def fake_score(images, labels, real, classifier):
+    seen["labels"] = np.asarray(labels)
+    return {"fdd": 1.0, "accuracy": 1.0}
+
+  monkeypatch.setattr(report, "score_digits", fake_score)
+  hy = np.repeat(np.arange(10), 50)  # sorted by class, as the held-out digits are
+  hx = np.zeros((500, 32, 32, 1), np.float32)
+  ref = report.real_reference(300, None, (hx, hy), None)
+  np.testing.assert_array_equal(np.bincount(seen["labels"], minlength=10), [30] * 10)
+  assert ref["num"] == 300 and ref["per_class"] == [30] * 10

@@ -23,11 +23,13 @@ def nhwc(a):
   return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
 
 
+# Achieved on CPU float32 (|x| ~ 4): 4.8e-7 (euler, heun2), 9.5e-7 (cfg), 1.3e-6 (dopri5, whose
+# adaptive steps matched torchdiffeq's here).
 @pytest.mark.parametrize("key,cfg,cfg_scale,tol,nfe", [
-    ("Linear_velocity_euler_11", samplers.ODEConfig("euler", 11), 1.0, 1e-4, 10),
-    ("Linear_velocity_heun2_6", samplers.ODEConfig("heun2", 6), 1.0, 1e-4, 10),
-    ("Linear_velocity_dopri5_5", samplers.ODEConfig("dopri5", 5), 1.0, 1e-3, None),
-    ("Linear_velocity_euler_11_cfg4", samplers.ODEConfig("euler", 11), 4.0, 1e-4, 10),
+    ("Linear_velocity_euler_11", samplers.ODEConfig("euler", 11), 1.0, 5e-6, 10),
+    ("Linear_velocity_heun2_6", samplers.ODEConfig("heun2", 6), 1.0, 5e-6, 10),
+    ("Linear_velocity_dopri5_5", samplers.ODEConfig("dopri5", 5), 1.0, 1e-5, None),
+    ("Linear_velocity_euler_11_cfg4", samplers.ODEConfig("euler", 11), 4.0, 5e-6, 10),
 ])
 def test_golden_ode_parity(tiny, key, cfg, cfg_scale, tol, nfe):
   model, params, g, _ = tiny

@@ -48,10 +48,12 @@ def run_steps(config, mesh, init_state=None, steps=2):
     loss_fn = transport.make_loss_fn(model, train.get_transport(config))
     step = train.make_train_step(loss_fn, tx, schedule, mesh, shardings,
                                  grad_accum_steps=config.grad_accum_steps)
+    norms = []
     for i in range(steps):
       batch = data.to_global(pipe.batch(i), sharding.batch_sharding(mesh))
       state, m = step(state, batch, jax.random.key(1))
-  return state, shardings, float(m.compute()["loss"])
+      norms.append(float(m.compute()["grad_norm"]))
+  return state, shardings, float(m.compute()["loss"]), norms
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +75,13 @@ def runs(init_host):
 
 
 def test_sharded_step_matches_single_device(runs, init_host):
-  (s8, _, loss8), (s1, _, loss1) = runs
+  (s8, _, loss8, gn8), (s1, _, loss1, gn1) = runs
   assert np.isfinite(loss8) and loss8 > 0.1
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  # The gradient norm (before the update) of every step agrees too: a sharded gradient that is
+  # summed over the data axis instead of averaged, or only one shard's, changes it.
+  assert min(gn1) > 1e-3
+  np.testing.assert_allclose(gn8, gn1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(s8.ema_params), jax.tree.leaves(s1.ema_params)):
@@ -89,7 +95,7 @@ def test_sharded_step_matches_single_device(runs, init_host):
 
 
 def test_params_carry_fsdp_shardings(runs):
-  (state, shardings, _), _ = runs
+  (state, shardings, _, _), _ = runs
   p = state.params
   blk = p["blocks_0"]
   expect = {
@@ -129,7 +135,10 @@ def test_small_tensors_and_indivisible_dims_replicate():
 
 
 def test_grad_accumulation_averages_micro_batch_gradients(init_host):
-  """k = 2: one update with the mean of the gradients of rows 0::2 and 1::2 (rng fold_in(., i))."""
+  """k = 2: one update with the mean of the gradients of rows 0::2 and 1::2 (rng fold_in(., i)).
+
+  Adam's first step hardly depends on the gradient scale, so the accumulated gradient itself is
+  checked through the logged grad_norm (summed or scaled gradients change it)."""
   c = tiny_config()
   c.grad_accum_steps = 2
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
@@ -151,6 +160,9 @@ def test_grad_accumulation_averages_micro_batch_gradients(init_host):
   g = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
   want = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))(g, o0, p0)
   np.testing.assert_allclose(float(m.compute()["loss"]), np.mean(losses), rtol=1e-5)
+  norms = [float(optax.tree.norm(gi)) for gi in grads]
+  assert abs(norms[0] - norms[1]) > 1e-3 * norms[0]  # two different micro-batch gradients
+  np.testing.assert_allclose(float(m.compute()["grad_norm"]), float(optax.tree.norm(g)), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 

@@ -228,8 +228,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 MP_CHILD = '''
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)
+import flax.linen as nn
 import numpy as np
-from edit_jax import train
+from edit_jax import checkpoint, sharding, train
 import jax
 cfg_ns = {{}}
 exec(open({cfg!r}).read(), cfg_ns)
@@ -237,57 +238,123 @@ config = cfg_ns["get_config"]()
 config.distributed.update(dict(enabled="true", coordinator_address="127.0.0.1:{port}",
                                num_processes=2, process_id={pid}))
 config.mesh_shape = (2, 2)
+
+def save(params, path):
+  flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, jax.device_get(params)))[0]
+  np.savez(path, **{{jax.tree_util.keystr(k): v for k, v in flat}})
+
+if {init_from!r}:  # only the state a fresh run with init_from starts from (no training)
+  train.maybe_initialize_distributed(config)
+  config.init_from = {init_from!r}
+  model = train.get_model(config)
+  tx, _ = train.make_optimizer(config)
+  mesh = sharding.make_mesh(config.mesh_shape)
+  rules = sharding.rules_from_config(config)
+  ck = checkpoint.Checkpointer({wd!r}, read_only=True)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, _, _ = train._restore_or_init(config, model, tx, mesh, rules, ck, jax.random.key(0))
+  save(state.params, {out!r})
+  save(state.ema_params, {out!r} + ".ema.npz")
+  print("RESULT", json.dumps({{"process": jax.process_index()}}))
+  sys.exit(0)
 r = train.train_and_evaluate(config, {wd!r})
-params = jax.tree.map(np.asarray, jax.device_get(r["state"].params))
-flat = jax.tree_util.tree_flatten_with_path(params)[0]
-np.savez({out!r}, **{{jax.tree_util.keystr(k): v for k, v in flat}})
+save(r["state"].params, {out!r})
 print("RESULT", json.dumps({{"step": r["step"], "process": jax.process_index(),
                             "count": jax.process_count(), "devices": jax.device_count()}}))
 '''
 
 
-def test_two_processes_train_and_agree(straight, tmp_path):
-  """Two processes x 2 CPU devices resume the 8-device run's step-2 checkpoint on a (2, 2) mesh,
-  each reading half of every batch, and reach the same params as the uninterrupted run."""
-  import shutil  # noqa: PLC0415
-  cfg_file = tmp_path / "tiny_config.py"
+def _run_two_processes(tmp, wd, init_from=""):
+  """MP_CHILD on 2 local processes x 2 CPU devices (jax.distributed on 127.0.0.1).
+  Returns (outputs, [process 0 npz, process 1 npz])."""
+  cfg_file = tmp / "tiny_config.py"
   cfg_file.write_text(CONFIG_PY)
-  shutil.copytree(straight[0], tmp_path / "mp")
-  shutil.rmtree(tmp_path / "mp" / "checkpoints" / "4")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = []
   for pid in range(2):
-    script = MP_CHILD.format(cfg=str(cfg_file), port=port, pid=pid, wd=str(tmp_path / "mp"),
-                             out=str(tmp_path / f"params{pid}.npz"))
+    script = MP_CHILD.format(cfg=str(cfg_file), port=port, pid=pid, wd=str(wd),
+                             out=str(tmp / f"params{pid}.npz"), init_from=str(init_from))
     procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
   outs = []
   try:
     for p in procs:
-      outs.append(p.communicate(timeout=300)[0])
+      outs.append(p.communicate(timeout=600)[0])
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-3000:]
+  return outs, [str(tmp / f"params{i}.npz") for i in range(2)]
+
+
+def test_two_processes_train_and_agree(straight, tmp_path):
+  """Two processes x 2 CPU devices resume the 8-device run's step-2 checkpoint on a (2, 2) mesh,
+  each reading half of every batch, and reach the same params as the uninterrupted run."""
+  import shutil  # noqa: PLC0415
+  shutil.copytree(straight[0], tmp_path / "mp")
+  shutil.rmtree(tmp_path / "mp" / "checkpoints" / "4")
+  outs, files = _run_two_processes(tmp_path, tmp_path / "mp")
+  p0, p1 = (dict(np.load(f)) for f in files)
   res = [json.loads(o.split("RESULT ", 1)[1].splitlines()[0]) for o in outs]
   assert sorted(r["process"] for r in res) == [0, 1]
   assert all(r["count"] == 2 and r["devices"] == 4 and r["step"] == 4 for r in res)
-  p0, p1 = (dict(np.load(tmp_path / f"params{i}.npz")) for i in range(2))
   for k in p0:
     np.testing.assert_array_equal(p0[k], p1[k])
-  # Same global batches and rngs as the single-process 8-device run.
-  assert all("resumed from" in o for o in outs[:1])
+  # Both processes restored the step-2 checkpoint (each logs it), and the runs match the
+  # single-process 8-device run (same global batches and rngs).
+  assert all("resumed from" in o and "step 2" in o.split("resumed from", 1)[1].splitlines()[0]
+             for o in outs), [o[-1500:] for o in outs]
   ref = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(straight[1])[0]}
   for k in ref:
     np.testing.assert_allclose(p0[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
   # The two processes wrote one checkpoint together.
   ck = checkpoint.Checkpointer(tmp_path / "mp" / "checkpoints", read_only=True)
   assert ck.all_steps() == [2, 4]
+
+
+def test_two_processes_init_from_official_weights(tmp_path):
+  """Multi-host init_from: both processes load an official-format state dict onto their shards of
+  a (2, 2) mesh; params and EMA are exactly the source weights on both, and both log the load."""
+  from edit_jax import convert, models  # noqa: PLC0415
+  model = train.get_model(tiny_config())
+  leaves, tree = jax.tree_util.tree_flatten(models.init_params(model, jax.random.key(7)))
+  src_params = jax.tree_util.tree_unflatten(tree, [
+      np.asarray(a) + 0.1 * np.random.default_rng(i).standard_normal(a.shape).astype(np.float32)
+      for i, a in enumerate(leaves)])
+  src = tmp_path / "official.npz"
+  np.savez(src, **convert.params_to_state_dict(src_params, model))
+  outs, files = _run_two_processes(tmp_path, tmp_path / "fresh", init_from=src)
+  for o in outs:
+    assert f"init_from official checkpoint {src}: loaded {len(leaves)} tensors" in o, o[-2000:]
+  want = {jax.tree_util.keystr(k): v for k, v in
+          jax.tree_util.tree_flatten_with_path(src_params)[0]}
+  for f in files + [f + ".ema.npz" for f in files]:
+    got = dict(np.load(f))
+    assert sorted(got) == sorted(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{f} {k}")
+
+
+def test_cli_nonfinite_loss_exits_3(tmp_path):
+  """Adam with eps=0 divides 0 by 0 for the adaLN-Zero blocks' (zero) first gradients: the params
+  and then the loss become NaN. The CLI stops with exit status 3, one error line, no traceback,
+  and saves nothing."""
+  cfg_file = tmp_path / "tiny_config.py"
+  cfg_file.write_text(CONFIG_PY)
+  wd = tmp_path / "nan"
+  p = subprocess.run([sys.executable, "-m", "edit_jax.main", f"--config={cfg_file}",
+                      f"--workdir={wd}", "--config.optim.eps=0.0"], env=child_env(),
+                     capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+  assert p.returncode == 3, p.stderr[-3000:]
+  assert "loss became non-finite (nan/inf) between steps 1 and 2" in p.stderr
+  assert "The last good checkpoint is none" in p.stderr
+  assert "Traceback" not in p.stderr
+  assert not (wd / "checkpoints").exists() or not list((wd / "checkpoints").iterdir())
 
 
 @pytest.mark.parametrize("overrides,exc,msg", [

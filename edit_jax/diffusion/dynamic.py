@@ -378,7 +378,8 @@ class DynamicSampler:
   def sample(self, x0, y, rng=None, progress: bool = False,
              rule: Optional[SwitchRule] = None,
              per_sample: Optional[bool] = None) -> DynamicResult:
-    """x0 (B, H, W, C) initial noise, y (B,) labels, rng: a key or B per-sample keys (SDE).
+    """x0 (B, H, W, C) initial noise, y (B,) labels in [0, num_classes) (checked on the host),
+    rng: a key or B per-sample keys (SDE).
 
     rule / per_sample: optional overrides for this call (same distance). The rule runs on the
     host, so e.g. a grid search over rho needs no recompilation.
@@ -394,6 +395,8 @@ class DynamicSampler:
     if tuple(np.shape(x0)) != shp or tuple(np.shape(y)) != (b,):
       raise ValueError(f"x0 must be {shp} (NHWC) and y ({b},), got {np.shape(x0)} and "
                        f"{np.shape(y)}; the batch size is fixed at construction")
+    samplers.check_labels(np.asarray(y), m.num_classes,
+                          allow_null=samplers.num_label_values(m) > m.num_classes)
     if rng is None:
       if self.sampler.kind == "sde":
         raise ValueError("the SDE sampler needs rng (a PRNG key or one key per sample)")

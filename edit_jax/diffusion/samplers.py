@@ -392,13 +392,49 @@ def sampling_variables(model, params):
   return {"params": params}
 
 
+def num_label_values(model) -> Optional[int]:
+  """How many label ids ``model`` embeds: num_classes, plus the null class when it has one."""
+  n = getattr(model, "num_classes", None)
+  if n is None:
+    return None
+  return int(n) + (1 if getattr(model, "class_dropout_prob", 0.0) > 0 else 0)
+
+
+def check_labels(y, num_classes: int, allow_null: bool = False):
+  """Raises ValueError unless every label is in [0, num_classes) (or == num_classes, the null
+  class, when ``allow_null``). ``y``: concrete labels (numpy / jax array / list), any shape.
+
+  Out-of-range ids would index past the embedding table, which under jit yields non-finite
+  samples silently; every public sampling entry calls this before the jit boundary.
+  """
+  y = np.asarray(y)
+  if y.size == 0:
+    return
+  if not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"labels must be integer class ids, got dtype {y.dtype}")
+  hi = num_classes if allow_null else num_classes - 1
+  lo_v, hi_v = int(y.min()), int(y.max())
+  if lo_v < 0 or hi_v > hi:
+    null = f" (or {num_classes}, the null class)" if allow_null else ""
+    raise ValueError(f"labels must be in [0, {num_classes - 1}]{null} for this model "
+                     f"({num_classes} classes), got [{lo_v}, {hi_v}]")
+
+
+def _is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
 def make_sample_fn(model, transport: Transport, cfg: SamplerConfig, *, cfg_scale: float = 1.0,
                    null_class: Optional[int] = None, guide_channels: Optional[int] = 3,
                    guidance_interval=None) -> Callable:
   """Pure `f(params, x0, y, rng) -> Sample` for a linen model; wrap it in `jax.jit`.
 
   Guidance is used when cfg_scale > 1 (official `using_cfg`); null_class defaults to
-  `model.num_classes`.
+  `model.num_classes`. Labels y (B,) must be in [0, num_classes) (the null class num_classes is
+  allowed when the model has one): concrete labels are checked on the host before tracing
+  (ValueError); when `f` itself runs under an outer `jax.jit` the check runs in a host callback,
+  so bad labels fail the call (JaxRuntimeError carrying the same message) instead of giving
+  non-finite samples.
   """
   cfg = cfg.validate()
   if cfg.kind == "sde" or cfg.fixed:
@@ -409,8 +445,15 @@ def make_sample_fn(model, transport: Transport, cfg: SamplerConfig, *, cfg_scale
     null_class = getattr(model, "num_classes", None)
   if guidance.uses_guidance(cfg_scale) and null_class is None:
     raise ValueError("classifier-free guidance needs null_class (the label of the null class)")
+  n_cls = getattr(model, "num_classes", None)
+  allow_null = num_label_values(model) is not None and num_label_values(model) > (n_cls or 0)
 
   def f(params, x0, y, rng=None):
+    if n_cls is not None:
+      if _is_traced(y):
+        jax.debug.callback(lambda v: check_labels(v, n_cls, allow_null), y)
+      else:
+        check_labels(y, n_cls, allow_null)
     model_fn = flax_model_fn(model, sampling_variables(model, params))
     if guidance.uses_guidance(cfg_scale):
       model_fn = guidance.guided_model_fn(model_fn, cfg_scale, null_class, guide_channels,

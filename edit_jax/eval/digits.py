@@ -14,15 +14,23 @@ seeded permutation are held out -> 4,500 train / 500 held out. `train_digit_clas
 the held-out accuracy (0.980 for seed 0, 0.972-0.980 over seeds 0-2; see docs/evaluation.md).
 
 Images accepted everywhere (`to_model_layout`): (N, 32, 32, 1) float in [-1, 1] (the training
-layout), uint8 (N, 32, 32, 1), or raw 28x28 digits (N, 28, 28[, 1]) / (N, 784) in [0, 255].
+layout), uint8 (N, 32, 32, 1), RGB (N, 32, 32, 3) as `edit_jax.sample` writes them, or raw 28x28
+digits (N, 28, 28[, 1]) / (N, 784) in [0, 255].
 Frechet distances depend on the number of samples (bias): compare values at equal N.
+
+Command line (scores a `python -m edit_jax.sample` output directory or .npz: `arr_0` images,
+`arr_1` labels):
+
+    python -m edit_jax.eval.digits --samples DIR [--labels 3,7|FILE] [--json OUT.json]
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import pathlib
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,6 +39,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from edit_jax import cli
 from edit_jax.eval import metrics
 
 NUM_CLASSES = 10
@@ -59,15 +68,25 @@ def _mnist_cached():
 
 
 def to_model_layout(images) -> np.ndarray:
-  """Any accepted digit layout -> float32 (N, 32, 32, 1) in [-1, 1] (pad 2, x / 127.5 - 1)."""
+  """Any accepted digit layout -> float32 (N, 32, 32, 1) in [-1, 1] (pad 2, x / 127.5 - 1).
+
+  3-channel images (what `edit_jax.sample.sample_images` / `samples.npz` hold: the 1-channel
+  digit repeated to RGB, uint8) are averaged over their channels first.
+  """
   a = np.asarray(images)
   if a.ndim == 2 and a.shape[1] == RAW_SIZE * RAW_SIZE:
     a = a.reshape(-1, RAW_SIZE, RAW_SIZE)
   if a.ndim == 3:
     a = a[..., None]
+  if a.ndim == 4 and a.shape[-1] == 3:  # RGB (e.g. sampler output): back to one channel
+    dtype = a.dtype
+    a = a.astype(np.float32).mean(-1, keepdims=True)
+    if dtype == np.uint8:
+      a = np.round(a).astype(np.uint8)
   if a.ndim != 4 or a.shape[-1] != 1 or a.shape[1:3] not in ((RAW_SIZE,) * 2, (IMAGE_SIZE,) * 2):
-    raise ValueError(f"digit images must be (N, 32, 32, 1) in [-1, 1], or raw (N, 28, 28[, 1]) / "
-                     f"(N, 784) in [0, 255]; got shape {np.shape(images)}")
+    raise ValueError(f"digit images must be (N, 32, 32, 1) in [-1, 1] or uint8 (RGB with 3 "
+                     f"channels is averaged), or raw (N, 28, 28[, 1]) / (N, 784) in [0, 255]; "
+                     f"got shape {np.shape(images)}")
   if a.shape[1] == RAW_SIZE:  # raw digits: values in [0, 255]
     if a.dtype != np.uint8 and (a.min() < 0 or a.max() > 255):
       raise ValueError(f"raw 28x28 digits must be in [0, 255], got [{a.min()}, {a.max()}]")
@@ -267,3 +286,94 @@ def conditional_accuracy(gen_images, labels, params=None) -> float:
                      f"[{labels.min()}, {labels.max()}]")
   logits, _ = _batched_forward(_params_or_default(params), gen_images)
   return float((logits.argmax(-1) == labels).mean())
+
+
+def per_class_accuracy(gen_images, labels, params=None) -> dict[int, float]:
+  """{class: share of that class's samples classified as it} for the classes present."""
+  labels = np.asarray(labels).reshape(-1)
+  logits, _ = _batched_forward(_params_or_default(params), gen_images)
+  pred = logits.argmax(-1)
+  return {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
+
+
+# ----------------------------------------------------------------------------- CLI
+def _load_samples(path) -> tuple[np.ndarray, np.ndarray | None, pathlib.Path]:
+  """(images, labels or None, npz path) from a sample output directory or an .npz file."""
+  p = pathlib.Path(path)
+  if p.is_dir():
+    p = p / "samples.npz"
+  if not p.is_file():
+    raise FileNotFoundError(f"{p} does not exist: pass the --out directory of "
+                            f"`python -m edit_jax.sample` or its samples.npz")
+  try:
+    with np.load(p, allow_pickle=False) as f:
+      files = list(f.files)
+      if "arr_0" not in files:
+        raise ValueError(f"{p} has no `arr_0` (images); its arrays are {files}")
+      images = f["arr_0"]
+      labels = f["arr_1"] if "arr_1" in files else None
+  except (OSError, EOFError) as e:
+    raise ValueError(f"{p} is not a samples .npz ({type(e).__name__})") from None
+  except ValueError as e:
+    if "arr_0" in str(e):
+      raise
+    raise ValueError(f"{p} is not a samples .npz of arrays") from None
+  return images, labels, p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  ap = argparse.ArgumentParser(
+      prog="python -m edit_jax.eval.digits",
+      description="Score sampled digits: conditional accuracy of the offline classifier and the "
+                  "Frechet digit distance to the 5,000 real digits.")
+  ap.add_argument("--samples", required=True,
+                  help="output directory of `python -m edit_jax.sample` or a .npz (arr_0 images, "
+                       "arr_1 labels)")
+  ap.add_argument("--labels", default=None,
+                  help="class ids if the .npz has no arr_1: comma-separated (cycled) or a file")
+  ap.add_argument("--json", default=None, help="also write the result here")
+  ap.add_argument("--overwrite", action="store_true", help="allow replacing --json")
+  ap.add_argument("--classifier", default=None,
+                  help=f"classifier cache (default ${CACHE_ENV} or ~/.cache/edit_jax)")
+  cli.add_debug_flag(ap)
+  args = ap.parse_args(argv)
+  if args.json and pathlib.Path(args.json).exists() and not args.overwrite:
+    raise FileExistsError(f"refusing to overwrite {args.json}: choose another --json or pass "
+                          f"--overwrite")
+  images, labels, path = _load_samples(args.samples)
+  x = to_model_layout(images)  # validates the layout before any training/loading
+  if args.labels is not None:
+    from edit_jax.sample import parse_classes  # noqa: PLC0415
+    labels = np.resize(parse_classes(args.labels), len(x))
+  if labels is None:
+    raise ValueError(f"{path} holds no labels (`arr_1`): pass --labels (the conditioning "
+                     f"classes, e.g. 0,1,...,9 cycled) to score conditional accuracy")
+  labels = np.asarray(labels).reshape(-1)
+  if len(labels) != len(x):
+    raise ValueError(f"{path}: {len(x)} images but {len(labels)} labels")
+  if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+    raise ValueError(f"labels must be digit classes 0..9, got [{labels.min()}, {labels.max()}]")
+  params, info = load_or_train_classifier(args.classifier)
+  real, _ = real_digits()
+  result = {
+      "samples": str(path), "num_samples": int(len(x)),
+      "accuracy": conditional_accuracy(x, labels, params),
+      "per_class_accuracy": {str(k): v for k, v in per_class_accuracy(x, labels, params).items()},
+      "frechet_digit_distance": (frechet_digit_distance(x, real, params) if len(x) >= 2
+                                 else None),
+      "classifier_held_out_accuracy": info.get("held_out_accuracy"),
+  }
+  per = ", ".join(f"{k}: {100 * v:.0f}%" for k, v in result["per_class_accuracy"].items())
+  fdd = result["frechet_digit_distance"]
+  print(f"{result['num_samples']} digits from {path}: {100 * result['accuracy']:.1f}% classified "
+        f"as their label (per class {per}); Frechet digit distance to the 5,000 real digits "
+        f"{'n/a' if fdd is None else f'{fdd:.1f}'}")
+  if args.json:
+    out = pathlib.Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+  return result
+
+
+if __name__ == "__main__":
+  cli.run(main, "python -m edit_jax.eval.digits")

@@ -21,8 +21,9 @@ Outputs (dict):
 
 Weights: a local pytorch-fid state dict (`pt_inception-2015-12-05-6726825d.pth`, torchvision
 Inception3 names: `Conv2d_1a_3x3.conv.weight`, `Mixed_6d.branch7x7_2.bn.running_var`, `fc.weight`
-...). `.pth` needs torch to unpickle; convert it once to .safetensors/.npz with
-`python -m edit_jax.eval.weights` (see `weights.py`). Nothing is downloaded.
+...). `.pth` files in torch's zip format are read without torch (`edit_jax.pt_reader`); the
+pre-1.6 format needs torch or a one-off `python -m edit_jax.eval.weights` conversion. Nothing is
+downloaded.
 """
 from __future__ import annotations
 
@@ -266,7 +267,7 @@ def convert_inception_state_dict(state_dict, model: InceptionV3 | None = None):
 
 
 def load_inception_params(path=None):
-  """Loads and converts a local FID Inception state dict (.pth with torch, .safetensors, .npz).
+  """Loads and converts a local FID Inception state dict (.pth, .safetensors, .npz).
 
   Path defaults to $EDIT_JAX_INCEPTION. Missing -> weights.MissingWeightsError naming the file.
   """

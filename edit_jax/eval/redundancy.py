@@ -19,8 +19,9 @@ analysis needs only a trained model.
     python -m edit_jax.eval.redundancy --checkpoint WORKDIR_OR_CONVERTED_DIR --out DIR \
         [--timesteps 10] [--batch 4] [--label 3]
 
-writes DIR/redundancy.json, DIR/redundancy.md (layer x timestep table) and DIR/redundancy.png
-(heat map).
+writes DIR/redundancy.json, DIR/redundancy.md (layer x timestep table of the JSD score, in nats)
+and DIR/redundancy.png (heat map); refuses to overwrite them. User errors (missing checkpoint,
+existing outputs, bad options) exit with status 2 and one line; --debug shows the traceback.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from edit_jax import cli
 
 LN2 = math.log(2.0)
 
@@ -87,6 +90,8 @@ def analyse(model, params, *, timesteps: int = 10, batch: int = 4, labels=None, 
   x = jax.random.normal(rng, (batch, model.input_size, model.input_size, model.in_channels))
   if labels is None:
     labels = np.arange(batch) % model.num_classes
+  from edit_jax.diffusion import samplers  # noqa: PLC0415
+  samplers.check_labels(np.asarray(labels), model.num_classes)
   y = jnp.asarray(np.broadcast_to(np.asarray(labels), (batch,)), jnp.int32)
 
   @jax.jit
@@ -110,7 +115,7 @@ def analyse(model, params, *, timesteps: int = 10, batch: int = 4, labels=None, 
 
 
 def to_markdown(result) -> str:
-  head = "| layer | " + " | ".join(f"t={t:.2f}" for t in result["t"]) + " |"
+  head = "| layer (JSD, nats) | " + " | ".join(f"t={t:.2f}" for t in result["t"]) + " |"
   sep = "|---" * (len(result["t"]) + 1) + "|"
   rows = []
   for name, row in zip(result["layers"], result["score"]):
@@ -162,7 +167,11 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--label", type=int, default=None, help="one class for every sample (default: 0..B-1)")
   ap.add_argument("--max_pairs", type=int, default=4096)
+  cli.add_debug_flag(ap)
   args = ap.parse_args(argv)
+  if args.timesteps < 1 or args.batch < 1 or args.max_pairs < 1:
+    raise ValueError(f"--timesteps ({args.timesteps}), --batch ({args.batch}) and --max_pairs "
+                     f"({args.max_pairs}) must be >= 1")
   out = pathlib.Path(args.out)
   targets = [out / f"redundancy.{ext}" for ext in ("json", "md", "png")]
   existing = [str(p) for p in targets if p.exists()]
@@ -182,4 +191,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, "python -m edit_jax.eval.redundancy")

@@ -15,7 +15,7 @@ layout transposes. The attention sub-modules use the newer names (`to_q`, `to_k`
 Latent scaling (as SiT/DiT train.py and sample.py): `latents = posterior_sample * 0.18215` and
 images = `clip(127.5 * decode(latents / 0.18215) + 128, 0, 255)` truncated to uint8.
 
-Weights are read from a local `diffusion_pytorch_model.safetensors` (or `.bin` with torch), from
+Weights are read from a local `diffusion_pytorch_model.safetensors` (or `.bin`), from
 https://huggingface.co/stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse); nothing is downloaded.
 """
 from __future__ import annotations

@@ -7,9 +7,9 @@ and where to get it.
 File formats read by `load_state_dict`:
   - `.safetensors` (safetensors.numpy, no torch needed),
   - `.npz` (one array per PyTorch parameter name),
-  - `.bin` / `.pth` / `.pt` (a pickled PyTorch state dict; needs torch, which the core install
-    does not have: convert once with `python -m edit_jax.eval.weights SRC.pth DST.safetensors` on a
-    machine with torch, or install torch).
+  - `.bin` / `.pth` / `.pt` (a torch.save state dict), read without torch by `edit_jax.pt_reader`
+    (allow-listed unpickling, nothing is executed); only torch's pre-1.6 format needs torch (or a
+    one-off `python -m edit_jax.eval.weights SRC.pth DST.safetensors` where torch is installed).
 
 Conversion (`convert_state_dict`): the Flax module tree mirrors the PyTorch module names, so each
 Flax leaf maps to one PyTorch name. Layout changes:
@@ -80,25 +80,37 @@ def require_file(path: PathLike | None, *, what: str, filename: str, source: str
 
 
 def _load_torch_pickle(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """A torch.save state dict, read without torch (edit_jax.pt_reader: allow-listed unpickling);
+  files in torch's pre-1.6 format need torch (used when installed) or a one-off conversion."""
+  from edit_jax import pt_reader  # pylint: disable=import-outside-toplevel
   try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        f"{path.name!r} is a pickled PyTorch file and torch is not installed. Either install torch, "
-        f"or convert it once on a machine that has torch:\n"
-        f"  python -m edit_jax.eval.weights {path} {path.with_suffix('.safetensors')}\n"
-        f"and pass the .safetensors file instead.") from e
-  obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = pt_reader.load(path)
+  except pt_reader.LegacyFormatError as e:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ImportError(
+          f"{path.name!r} is a pickled PyTorch file in torch's old (pre-1.6) format, which needs "
+          f"torch to read ({e}). Either install torch, or convert it once on a machine that has "
+          f"torch:\n  python -m edit_jax.eval.weights {path} {path.with_suffix('.safetensors')}\n"
+          f"and pass the .safetensors file instead.") from None
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
   if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):
     raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-          for k, v in obj.items() if hasattr(v, "numpy")}
+  out = {}
+  for k, v in obj.items():
+    if hasattr(v, "detach"):  # torch tensor
+      out[k] = v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+    elif isinstance(v, (pt_reader.LazyTensor, np.ndarray)):
+      a = np.asarray(v)
+      out[k] = a.astype(np.float32) if a.dtype.name == "bfloat16" else a
+  return out
 
 
 def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
-  """Reads a state dict {PyTorch name: array} from .safetensors, .npz, or (with torch) .bin/.pth/.pt.
+  """Reads a state dict {PyTorch name: array} from .safetensors, .npz or a torch.save .bin/.pth/.pt.
 
   Floating arrays are returned as float32 (fp16/bf16 checkpoints are upcast).
   """
@@ -118,7 +130,7 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
     sd = _load_torch_pickle(p)
   else:
     raise ValueError(f"{p}: unknown weight file type {suffix!r}; use .safetensors, .npz, "
-                     ".bin/.pth (needs torch)")
+                     ".bin/.pth/.pt")
   return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
           for k, v in sd.items()}
 
@@ -209,12 +221,12 @@ def default_leaf_rule(path: tuple[str, ...], shape: tuple[int, ...],
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """CLI: convert a pickled PyTorch state dict to .safetensors (needs torch) or .npz."""
+  """CLI: convert a pickled PyTorch state dict to .safetensors or .npz."""
   import argparse  # pylint: disable=import-outside-toplevel
   ap = argparse.ArgumentParser(
       prog="python -m edit_jax.eval.weights",
-      description="Convert a PyTorch state dict (.pth/.bin) to .safetensors or .npz, once, on a "
-                  "machine that has torch, so the eval code can read it without torch.")
+      description="Convert a PyTorch state dict (.pth/.bin) to .safetensors or .npz (zip-format "
+                  "files are read without torch; torch's pre-1.6 format needs torch).")
   ap.add_argument("src")
   ap.add_argument("dst", help="output path ending in .safetensors or .npz")
   args = ap.parse_args(argv)

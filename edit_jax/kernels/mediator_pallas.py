@@ -121,6 +121,35 @@ class BlockSizes:
                block_b=None, block_b_bwd=None)
 
 
+def block_size_candidates(backend: str) -> tuple[BlockSizes, ...]:
+  """A handful of BlockSizes for a time-boxed autotuning sweep on `backend`, the default first.
+
+  GPU (Triton): varies the query/key tiles (64-256), the stage-1 key chunk, the batch group of
+  the backward's bias-gradient reduction, and num_warps / num_stages. TPU: tile sizes only. CPU:
+  the interpret-mode default and one small-tile plan (exercises the sweep in dry runs).
+  """
+  backend = _normalize_backend(backend)
+  default = BlockSizes.get_default(backend)
+  if backend == "gpu":
+    return (default,
+            BlockSizes(block_q=64, block_k=64, block_k_major=1024, block_q_bwd=64, block_k_bwd=64,
+                       block_b=1, block_b_bwd=4, num_warps=4, num_stages=3),
+            BlockSizes(block_q=128, block_k=128, block_k_major=1024, block_q_bwd=128,
+                       block_k_bwd=128, block_b=1, block_b_bwd=8, num_warps=8, num_stages=2),
+            BlockSizes(block_q=256, block_k=64, block_k_major=2048, block_q_bwd=128,
+                       block_k_bwd=64, block_b=1, block_b_bwd=2, num_warps=8, num_stages=3),
+            BlockSizes(block_q=128, block_k=32, block_k_major=256, block_q_bwd=64,
+                       block_k_bwd=128, block_b=2, block_b_bwd=1, num_warps=4, num_stages=4))
+  if backend == "tpu":
+    return (default,
+            BlockSizes(block_q=256, block_k=256, block_k_major=1024, block_q_bwd=256,
+                       block_k_bwd=256, block_b=1, block_b_bwd=1),
+            BlockSizes(block_q=1024, block_k=512, block_k_major=4096, block_q_bwd=1024,
+                       block_k_bwd=1024, block_b=1, block_b_bwd=1))
+  return (default, BlockSizes(block_q=64, block_k=32, block_k_major=128, block_q_bwd=64,
+                              block_k_bwd=64, block_b=2, block_b_bwd=2))
+
+
 def _normalize_backend(backend: str) -> str:
   name = str(backend).lower()
   if name == "cuda":

@@ -82,6 +82,44 @@ def layer_norm(x):
   return ((x - mean) * jax.lax.rsqrt(var + 1e-6)).astype(dtype)
 
 
+def _materialize(t):
+  """Identity on t (..., D) that XLA computes into its own buffer (see `materialize_cotangent`).
+
+  GPU/TPU: `optimization_barrier`, which their compilers keep until after fusion. XLA:CPU removes
+  optimization barriers before fusion, so there t goes through a dot with eye(2) over channel
+  pairs, (..., D/2, 2) x (2, 2): exact (t*1 + u*0, no rounding), 4 flops per element, and a dot is
+  never fused into elementwise consumers.
+  """
+  def cpu(v):
+    pairs = v.reshape(v.shape[:-1] + (v.shape[-1] // 2, 2))
+    eye = jnp.eye(2, dtype=v.dtype)
+    out = jax.lax.dot_general(pairs, eye, (((pairs.ndim - 1,), (0,)), ((), ())),
+                              precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(v.shape)
+  if t.shape[-1] % 2:
+    return jax.lax.optimization_barrier(t)
+  return jax.lax.platform_dependent(t, cpu=cpu, default=jax.lax.optimization_barrier)
+
+
+@jax.custom_jvp
+def materialize_cotangent(x):
+  """Identity on the residual stream x (B, N, D) whose cotangent XLA must materialize.
+
+  Without it, the backward pass's residual-stream cotangent (dx of block l = dx of block l + 1 plus
+  LayerNorm/gate terms) is a chain of elementwise ops that XLA fusion duplicates into every
+  consumer (weight-gradient dots, gate/shift reductions): each block then recomputes the chain of
+  all later blocks, so the gradient costs O(depth^2) elementwise work (issue 15: 12x the forward
+  on CPU at depth 12). Forward values and the forward HLO are unchanged; jvp, vjp and remat work.
+  """
+  return x
+
+
+@materialize_cotangent.defjvp
+def _materialize_cotangent_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return x, _materialize(t)
+
+
 def constrain(x):
   return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -155,6 +193,7 @@ class SiTBlock(nn.Module):
                                              self.dtype, kernel_init=nn.initializers.zeros_init())
 
   def __call__(self, x, c):
+    x = materialize_cotangent(x)
     mod = self.adaLN_modulation_1(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     x = x + gate_msa[:, None] * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
@@ -285,6 +324,9 @@ class SiT(nn.Module):
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
     if self.attention_impl not in ("xla", "pallas"):
       raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'pallas'")
+    if self.full_attention_impl not in (None, "xla", "cudnn"):
+      raise ValueError(f"full_attention_impl={self.full_attention_impl!r}: expected None, 'xla' or "
+                       f"'cudnn' (jax.nn.dot_product_attention's implementation)")
     if self.num_classes < 1:
       raise ValueError(f"num_classes={self.num_classes} must be >= 1")
     if self.mediator_num:

@@ -556,7 +556,8 @@ def run_dynamic(args, sde: bool = False) -> dict | None:
 
 def run_elastic(args) -> dict | None:
   from benchmarks import elastic_study  # noqa: PLC0415
-  payload = elastic_study.run(args.elastic_config, skip_train=args.skip_train)
+  payload = elastic_study.run(args.elastic_config, skip_train=args.skip_train,
+                              cached_only=args.elastic_cached_only)
   if payload is None:
     print("elastic: no finished training runs; skipped", flush=True)
     return None
@@ -1061,6 +1062,9 @@ def main(argv=None):
   ap.add_argument("--speed_repeats", type=int, default=5)
   ap.add_argument("--elastic_config", default="configs/elastic_study.py",
                   help="study settings of the elastic part: FILE[:preset]")
+  ap.add_argument("--elastic_cached_only", action="store_true",
+                  help="elastic part: render finished runs and cached evaluations only (no "
+                       "training, no sampling)")
   ap.add_argument("--refresh_floor", action="store_true",
                   help="only recompute the real-data floor of the existing quality results "
                        "(stratified held-out digits), then render")

@@ -519,7 +519,7 @@ def test_study_verdicts_follow_the_numbers(tmp_path):
   study = _config_module("elastic_study").get_config("quick").to_dict()
   rows = []
   for seed, (s4, e4, s64, e64) in enumerate([(10, 11, 20, 30), (12, 12, 22, 31), (14, 13, 24, 29)]):
-    for model, fdd, n in (("static n=4", s4, 4), ("elastic n=4", e4, 4),
+    for model, fdd, n in (("full", s4 - 1, 0), ("static n=4", s4, 4), ("elastic n=4", e4, 4),
                           ("static n=64", s64, 64), ("elastic n=64", e64, 64)):
       rows.append({"seed": seed, "kind": "static", "model": model, "mediator_num": n,
                    "fdd": fdd, "accuracy": 0.9, "gflops_per_image": n / 10})
@@ -532,6 +532,7 @@ def test_study_verdicts_follow_the_numbers(tmp_path):
                    "fdd": fe + seed, "accuracy": 0.9, "gflops_per_image": ge,
                    "steps_per_stage": [1.0, 2.0]})
   study["mediators"] = [4, 64]
+  study["seeds"] = [0, 1, 2]
   s = elastic_study.summarize({"study": study, "rows": rows})
   fdd = {t["n"]: t for t in s["target_elastic"] if t["metric"] == "fdd"}
   assert fdd[4]["within"] and fdd[4]["static"] == (12.0, 2.0)
@@ -550,11 +551,26 @@ def test_study_verdicts_follow_the_numbers(tmp_path):
                        (("static n=4", 10.0, 100.0), ("static n=64", 12.0, 110.0),
                         ("elastic", 11.0, 105.0), ("full", 13.0, 120.0))]}
   text = "\n".join(elastic_study.markdown(payload, "results/elastic.png", "HEADER"))
-  assert "**Target 1 not met**" in text and "n=64 fdd: static 22.0 +- 2.0" in text
+  assert "**Target 1 not met**" in text and "n=64 fdd (3 seeds): static 22.0 +- 2.0" in text
+  assert "**Status: 3 of 3 planned training seeds complete**" in text
+  assert elastic_study.RESUME_COMMAND not in text
   assert "**Target 2 not met** for quality (1 of 2 comparable rho points match)" in text
   assert "| one elastic (dynamic schedule, any n) | 1 | 0.01 | 105 | 210 |" in text
   assert "0.50 of the three-model option's training FLOPs" in text  # 11 / (10 + 12)
   assert elastic_study.plot(payload, tmp_path / "e.png").stat().st_size > 1000
+  # one seed (of the three planned) plus a partly evaluated second: no seed std, so the targets
+  # are undecided, single values are shown without "+- 0", and the resume command is printed
+  one = {**payload, "rows": [r for r in rows if r["seed"] == 0] +
+         [r for r in rows if r["seed"] == 1 and r["kind"] == "static"]}
+  s1 = elastic_study.summarize(one)
+  assert s1["complete_seeds"] == [0] and s1["target_dynamic"][0]["n_seeds"] == 1
+  assert all(t["within"] is not None for t in s1["target_elastic"])  # 2 seeds have static rows
+  only0 = {**payload, "rows": [r for r in rows if r["seed"] == 0]}
+  text = "\n".join(elastic_study.markdown(only0, None, "HEADER"))
+  assert "**Status: 1 of 3 planned training seeds complete**" in text
+  assert "**Target 1 undecided**" in text and "**Target 2 undecided**" in text
+  assert "n=64 fdd (1 seed): static 20.0, elastic 30.0, difference +10.0" in text
+  assert elastic_study.RESUME_COMMAND in text and "+- 0.0" not in text
 
 
 def test_one_model_schedule_is_plain_sampling_even_for_full_attention():
@@ -572,3 +588,31 @@ def test_one_model_schedule_is_plain_sampling_even_for_full_attention():
                                            y).x)(x0)
   np.testing.assert_allclose(res.x, want, atol=1e-5)
   assert res.gflops[0] == pytest.approx(flops.gflops(m) * 5)
+
+
+def test_study_reuses_only_complete_seeds_of_the_same_settings(tmp_path):
+  """A fresh clone (no runs/) resumes the study from the committed JSON: complete seeds of the
+  same settings are reused, partial seeds and other settings are not."""
+  from benchmarks import elastic_study  # noqa: PLC0415
+  study = _config_module("elastic_study").get_config("quick")
+  static = ["full"] + [f"{k} n={n}" for k in ("static", "elastic") for n in study.mediators]
+  dyn = [(m, list(r)) for m in ("three static", "one elastic") for r in study.rho]
+
+  def seed_rows(seed, drop=0):
+    rs = [{"seed": seed, "kind": "static", "model": m} for m in static]
+    rs += [{"seed": seed, "kind": "dynamic", "model": m, "rho": r} for m, r in dyn]
+    return rs[:len(rs) - drop]
+
+  payload = {"eval_key": elastic_study.eval_key(study), "study": study.to_dict(),
+             "rows": seed_rows(0) + seed_rows(1, drop=1),
+             "train": [{"seed": 0, "model": "full"}, {"seed": 1, "model": "full"}]}
+  path = tmp_path / "report_elastic.json"
+  path.write_text(json.dumps(payload))
+  got = elastic_study.committed_seeds(study, path)
+  assert list(got) == [0] and len(got[0]["rows"]) == elastic_study.expected_rows(study)
+  assert got[0]["train"] == [{"seed": 0, "model": "full"}]
+  study.eval.num_samples += 1          # other evaluation settings: nothing is reused
+  assert elastic_study.committed_seeds(study, path) == {}
+  study.eval.num_samples -= 1
+  study.train_steps += 1               # other training budget: nothing is reused
+  assert elastic_study.committed_seeds(study, path) == {}

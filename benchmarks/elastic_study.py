@@ -578,7 +578,7 @@ def markdown(payload: dict, png_rel: str | None, header: str) -> list[str]:
   sampler = (f"{'Euler-Maruyama SDE' if ev['kind'] == 'sde' else ev['method'] + ' ODE'}, "
              f"{ev['num_steps']} grid points, CFG {ev['cfg_scale']} on "
              f"{'all channels' if ev['guide_channels'] < 0 else str(ev['guide_channels']) + ' channels'}")
-  L = ["## 5. Elastic mediators: one checkpoint for every n", "", header, "",
+  L = ["## 6. Elastic mediators: one checkpoint for every n", "", header, "",
        "This section replaces sections 3-4 as evidence: those models were trained "
        "600 steps and their samples were classified as their label about 10 % of the time; "
        f"here every model is trained to the quickstart budget and sampled with guidance "
@@ -617,7 +617,7 @@ def markdown(payload: dict, png_rel: str | None, header: str) -> list[str]:
       rows.append({"model": label, "seeds": k, "FDD": _pm(v["fdd"], ".1f", k),
                    "accuracy": _pm(v["accuracy"], ".3f", k),
                    "GFLOPs/image": f"{v['gflops_per_image'][0]:.3f}"})
-  L += ["### 5a. Static n vs the elastic model at n (equal training steps)", "",
+  L += ["### 6a. Static n vs the elastic model at n (equal training steps)", "",
         md_table(rows, ["model", "seeds", "FDD", "accuracy", "GFLOPs/image"]), ""]
   accs = [(lab, v["accuracy"][0]) for lab, v in s["static"].items()]
   if accs:
@@ -660,10 +660,10 @@ def markdown(payload: dict, png_rel: str | None, header: str) -> list[str]:
       drows.append({"schedule": label, "rho": "-", "seeds": k, "GFLOPs/image":
                     _pm(v["gflops_per_image"], ".3f", k), "FDD": _pm(v["fdd"], ".1f", k),
                     "accuracy": _pm(v["accuracy"], ".3f", k), "steps at n": "-"})
-  L += ["### 5b. Dynamic schedule: one elastic checkpoint vs three static checkpoints", "",
+  L += ["### 6b. Dynamic schedule: one elastic checkpoint vs three static checkpoints", "",
         f"Schedule n = {' -> '.join(map(str, ms))} (`edit_jax.diffusion.dynamic`, per-sample "
         f"switching, {st['distance'].upper()} distance, F = {st['first_several']}), same sampler "
-        f"and noise as 5a. `steps at n`: mean sampler steps spent at each n. GFLOPs/image count "
+        f"and noise as 6a. `steps at n`: mean sampler steps spent at each n. GFLOPs/image count "
         f"the guided (doubled) forwards of the n each sample used.", "",
         md_table(drows, ["schedule", "rho", "seeds", "GFLOPs/image", "FDD", "accuracy",
                          "steps at n"]), ""]
@@ -693,7 +693,7 @@ def markdown(payload: dict, png_rel: str | None, header: str) -> list[str]:
                         "wall s (sum of runs)"] if any(c in r for r in crow)]
     pre = sorted({r["model"] for r in payload["train"]
                   if "cpu_seconds" in r and not r.get("backward_fix")})
-    L += ["### 5c. Training cost of each option", "",
+    L += ["### 6c. Training cost of each option", "",
           "Analytic training FLOPs = 3 x forward GFLOPs x batch x steps (`edit_jax.flops`; the "
           "elastic run's forward is the mean over the n it draws): the primary cost figure. "
           "CPU/wall seconds: measured for each run on the shared 2-core CPU (mean over seeds, "

@@ -872,12 +872,122 @@ def build_markdown(parts: dict, plots: dict) -> str:
             f"pairs the samples spend >= 95% of the steps at n = {MEDIATORS[0]}: the L1 step "
             f"distance d_k rarely falls below rho_1 times its mean over the first "
             f"{d['first_several']} steps, so the rule seldom switches.", ""]
+  o = parts.get("objectives")
+  if o:
+    L += objectives_section(o)
   e = parts.get("elastic")
   if e:
     from benchmarks import elastic_study  # noqa: PLC0415
     L += elastic_study.markdown(e, plots.get("elastic"), _fmt_cmd(e) + ".")
   L += discussion(parts)
   return "\n".join(L)
+
+
+def objectives_rows(o: dict) -> list[dict]:
+  """One row per (objective, sampler) of gaussian_vs_transport.json: FDD / accuracy per training
+  seed (``fdd_s<seed>``) and their mean; natural samplers first."""
+  rows = o["rows"]
+  seeds = sorted({r.get("seed", 0) for r in rows})
+  out = []
+  for obj in ("transport", "gaussian"):
+    names = list(dict.fromkeys(r["sampler"] for r in rows if r["objective"] == obj))
+    for name in names:
+      rs = {r.get("seed", 0): r for r in rows if r["objective"] == obj and r["sampler"] == name}
+      row = {"objective": obj, "sampler": name, "NFE": rs[min(rs)]["nfe"],
+             "natural": "yes" if rs[min(rs)].get("natural") else "",
+             "seeds": len(rs)}
+      for sd in seeds:
+        row[f"FDD s{sd}"] = rs[sd]["fdd"] if sd in rs else None
+        row[f"acc s{sd}"] = rs[sd]["accuracy"] if sd in rs else None
+      row["FDD mean"] = sum(r["fdd"] for r in rs.values()) / len(rs)
+      row["acc mean"] = sum(r["accuracy"] for r in rs.values()) / len(rs)
+      out.append(row)
+  out.sort(key=lambda r: (r["objective"] != "transport", r["natural"] != "yes"))
+  return out
+
+
+def objectives_section(o: dict) -> list[str]:
+  """Section from benchmarks/gaussian_vs_transport.py's JSON (same network, two objectives)."""
+  ref = o["real_reference"]
+  train = o["train"] if isinstance(o["train"], list) else [
+      {"objective": k, "seed": 0, **v} for k, v in o["train"].items()]
+  seeds = sorted({t.get("seed", 0) for t in train})
+  rows = objectives_rows(o)
+
+  def losses(obj):
+    return ", ".join(f"{t['final_loss']:.4f}" for t in sorted(train, key=lambda t: t["seed"])
+                     if t["objective"] == obj) or "-"
+
+  def cpu(obj):
+    v = [t["cpu_seconds"] for t in train if t["objective"] == obj and "cpu_seconds" in t]
+    return f"{sum(v) / len(v):.0f}" if v else "-"
+
+  seed_txt = (f"training seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+              + ("" if len(seeds) > 1 else " only (one seed: differences of the size of "
+                 "section 3's seed spread are not evidence either way)"))
+  L = ["## 5. Gaussian diffusion vs transport (same network, embedded digits)", "",
+       _fmt_cmd(o) + f"; code at {o['git_revision']}, whose quickstart recipe "
+       f"(configs/quickstart.py) is "
+       + (f"the one last changed in {o['recipe_revision']}" if o.get("recipe_revision")
+          else "the one of that revision") + ".", "",
+       f"The quickstart model (`{o['configs']['transport']}`: SiT D=128, depth 4, patch 4, 16 "
+       f"mediators, its recipe with the cosine schedule over {o['steps']} steps, no time limit) "
+       f"trained for {o['steps']} steps with SiT's transport (Linear, "
+       f"velocity) and, identical otherwise (seed, data order, schedule), with DiT's Gaussian "
+       f"diffusion (`{o['configs']['gaussian']}`: 1000 linear steps, epsilon + learned-range "
+       f"variance, loss = mse + vb; its final layer has the extra variance channel); "
+       f"{seed_txt}. EMA weights; {o['num_samples']} samples per model and sampler (labels 0..9 "
+       f"cycled, the same noise for every model), CFG {o['cfg_scale']} on all channels; "
+       f"DDIM/DDPM clip x0 to [-1, 1]. \"natural\" marks each objective's own sampler (the "
+       f"quickstart's Heun ODE with 30 grid points; configs/dit.py:digits' DDIM-50); the other "
+       f"rows have exactly {o['nfe']} network evaluations each. Metric: `edit_jax.eval.digits` "
+       f"(FDD vs the 4,500 training digits, lower is better; conditional accuracy; real-data "
+       f"floor at this N: FDD {ref['fdd']:.1f}, accuracy {ref['accuracy']:.3f}). Final training "
+       f"loss per seed: transport {losses('transport')} (velocity MSE), gaussian "
+       f"{losses('gaussian')} (eps MSE + vb; not comparable). Training process CPU seconds per "
+       f"run (mean): transport {cpu('transport')}, gaussian {cpu('gaussian')}.", ""]
+  cols = ["objective", "sampler", "natural", "NFE"]
+  if len(seeds) > 1:
+    cols += [f"FDD s{sd}" for sd in seeds] + ["FDD mean"] + [f"acc s{sd}" for sd in seeds] + \
+        ["acc mean"]
+    table_rows = rows
+  else:
+    cols += ["FDD", "accuracy"]
+    table_rows = [{**r, "FDD": r["FDD mean"], "accuracy": r["acc mean"]} for r in rows]
+  fmt = {c: (".1f" if c.startswith("FDD") else ".3f") for c in cols
+         if c.startswith(("FDD", "acc"))}
+  L += [md_table(table_rows, cols, fmt), ""]
+  L += objectives_observations(rows, seeds)
+  return L
+
+
+def objectives_observations(rows: list[dict], seeds: list[int]) -> list[str]:
+  """Bullets computed from the rows: natural vs natural, best matched-NFE of each objective, and
+  whether the ordering holds for every seed."""
+  def pick(obj, natural):
+    c = [r for r in rows if r["objective"] == obj and (r["natural"] == "yes") == natural]
+    return min(c, key=lambda r: r["FDD mean"]) if c else None
+
+  out = []
+  pairs = [("Natural samplers", pick("transport", True), pick("gaussian", True)),
+           ("Best at matched NFE", pick("transport", False), pick("gaussian", False))]
+  for title, t, g in pairs:
+    if t is None or g is None:
+      continue
+    better = "transport" if t["FDD mean"] < g["FDD mean"] else "gaussian"
+    per_seed = [sd for sd in seeds if t.get(f"FDD s{sd}") is not None and
+                g.get(f"FDD s{sd}") is not None]
+    agree = [sd for sd in per_seed if (t[f"FDD s{sd}"] < g[f"FDD s{sd}"]) ==
+             (better == "transport")]
+    txt = (f"- **{title}.** transport {t['sampler']} ({t['NFE']} NFE): FDD {t['FDD mean']:.1f}, "
+           f"accuracy {t['acc mean']:.3f}; gaussian {g['sampler']} ({g['NFE']} NFE): FDD "
+           f"{g['FDD mean']:.1f}, accuracy {g['acc mean']:.3f}"
+           + (" (means over seeds)" if len(seeds) > 1 else "") + f". Lower FDD: {better}")
+    if len(per_seed) > 1:
+      txt += (f", in {len(agree)} of {len(per_seed)} seeds"
+              + ("" if len(agree) == len(per_seed) else " (the seeds disagree: no verdict)"))
+    out.append(txt + ".")
+  return out + [""] if out else []
 
 
 def mediator_verdict(q: dict) -> list[str]:
@@ -1019,10 +1129,19 @@ def common_flags(args) -> list[str]:
   return out
 
 
-def render(out: pathlib.Path, results_dir=RESULTS_DIR, plots_dir=PLOTS_DIR) -> str:
-  """Rebuilds the Markdown and the PNGs from every report_<part>.json present."""
+def read_parts(results_dir=RESULTS_DIR) -> tuple[dict, dict]:
+  """({part: payload} for every report_<part>.json present, {"objectives": payload} when
+  benchmarks/gaussian_vs_transport.py's JSON is present): everything build_markdown renders."""
   parts = {p: read_part(p, results_dir) for p in PARTS}
   parts = {k: v for k, v in parts.items() if v}
+  objectives = pathlib.Path(results_dir) / "gaussian_vs_transport.json"
+  extra = {"objectives": json.loads(objectives.read_text())} if objectives.exists() else {}
+  return parts, extra
+
+
+def render(out: pathlib.Path, results_dir=RESULTS_DIR, plots_dir=PLOTS_DIR) -> str:
+  """Rebuilds the Markdown and the PNGs from every report_<part>.json present."""
+  parts, extra = read_parts(results_dir)
   plotters = {"flops": plot_flops, "speed": plot_speed, "quality": plot_quality,
               "dynamic": plot_dynamic, "dynamic_sde": plot_dynamic,
               "elastic": _plot_elastic}
@@ -1030,7 +1149,7 @@ def render(out: pathlib.Path, results_dir=RESULTS_DIR, plots_dir=PLOTS_DIR) -> s
   for name, payload in parts.items():
     png = plotters[name](payload, pathlib.Path(plots_dir) / f"{name}.png")
     plots[name] = os.path.relpath(png, out.parent)
-  text = build_markdown(parts, plots)
+  text = build_markdown(parts | extra, plots)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(text)
   print(f"wrote {out} ({', '.join(parts) or 'no parts yet'})", flush=True)

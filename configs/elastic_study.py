@@ -1,4 +1,4 @@
-"""Elastic-mediator quality study on the embedded digits (docs/results.md, section 5).
+"""Elastic-mediator quality study on the embedded digits (docs/results.md, section 6).
 
     python benchmarks/report.py --parts elastic --out docs/results.md
     # overrides: --elastic_config configs/elastic_study.py:quick (a 2-seed, 300-step smoke run)

@@ -459,6 +459,43 @@ def load_params_for_sampling(workdir_or_ckpt: str, ema: bool = True, step: int |
   return model, params
 
 
+def load_objective(workdir_or_ckpt: str, step: int | None = None) -> dict | None:
+  """The objective a checkpoint was trained with, as ``convert.objective_record`` writes it:
+  {"objective": "transport" | "gaussian", "time_scale", "diffusion" (gaussian)}, or None when
+  unknown (an official file whose name says nothing; callers then default to "transport").
+
+  Training workdirs: the run's config (``config.objective``, ``config.diffusion``); converted
+  directories: model_config.json (written by ``python -m edit_jax.convert``); official files:
+  the name (``DiT-*`` -> gaussian).
+  """
+  from edit_jax import convert  # noqa: PLC0415
+  p = epath.Path(workdir_or_ckpt)
+  if not p.exists():
+    raise CheckpointError(f"{workdir_or_ckpt!r} does not exist")
+  if p.is_file():
+    guess = convert.guess_objective(p)
+    return None if guess is None else convert.objective_record(guess)
+  if (p / "model_config.json").exists():
+    meta = json.loads((p / "model_config.json").read_text())
+    if "objective" not in meta:
+      return None  # converted before objectives were recorded: SiT
+    return convert.objective_record(meta["objective"], meta.get("diffusion"))
+  found = _find_training_ckpt_dir(p)
+  if found is None:
+    return None
+  ck = Checkpointer(found[0], read_only=True)
+  chosen = step if step is not None else found[1]
+  steps = [chosen] if chosen is not None else sorted(ck.all_steps(), reverse=True)
+  for s in steps:
+    try:
+      cfg = ck.restore_meta(s).get("config") or {}
+    except Exception:  # noqa: BLE001 - an unreadable step: try the previous one
+      continue
+    obj = cfg.get("objective", "transport")
+    return convert.objective_record(obj, cfg.get("diffusion") if obj == "gaussian" else None)
+  return None
+
+
 def write_json(path, obj):
   """Writes JSON to a local or gs:// path (process 0 only is the caller's job)."""
   epath.Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))

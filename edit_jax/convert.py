@@ -10,8 +10,16 @@ standard size table (S/B/L/XL) or from the mediator bias tables, unless given.
 PyTorch layouts at this boundary: Linear weights (out, in) -> kernel (in, out); Conv2d weights
 (out, in, kh, kw) -> kernel (kh, kw, in, out); the model itself is NHWC.
 
+The tensors cannot tell DiT from SiT (same network): the objective the weights were trained with
+is an argument and is recorded with the converted checkpoint (`objective_record`), so that
+sampling picks the right sampler. DiT checkpoints (`DiT-XL-2-256x256.pt`) use
+`--objective gaussian` (DiT's 1000-step linear diffusion; the network sees integer timesteps
+0..999); SiT ones `--objective transport` (t in [0, 1]). Without the flag, a file named `DiT-*` is
+taken as gaussian and anything else as transport (the command prints which).
+
 Command line (writes an Orbax checkpoint that training and sampling restore):
-    python -m edit_jax.convert SRC OUT_DIR [--num_heads H] [--model_only] [--overwrite] [--debug]
+    python -m edit_jax.convert SRC OUT_DIR [--objective transport|gaussian] [--diffusion_steps 1000]
+        [--num_heads H] [--model_only] [--overwrite] [--debug]
 
 Files that are not checkpoints are named in a ValueError; PyTorch files are read with
 ``weights_only=True`` only (never unpickling arbitrary objects). CLI user errors: one line on
@@ -351,16 +359,61 @@ def load_converted(ckpt_dir, **overrides):
   return model, params
 
 
+OBJECTIVES = ("transport", "gaussian")
+
+
+def guess_objective(path) -> str | None:
+  """"gaussian" for official DiT file names (`DiT-*`), "transport" for `SiT-*`, else None."""
+  name = pathlib.Path(str(path)).name.lower()
+  if name.startswith("dit"):
+    return "gaussian"
+  if name.startswith("sit"):
+    return "transport"
+  return None
+
+
+def objective_record(objective: str, diffusion: Mapping | None = None) -> dict:
+  """What converted checkpoints record about the objective: {"objective", "time_scale" (the
+  model's timestep range: 1 for the transport's t in [0, 1], T for Gaussian timesteps 0..T-1),
+  and for "gaussian" "diffusion" (DiT's create_diffusion settings, defaults filled in)}."""
+  from edit_jax.diffusion import gaussian  # noqa: PLC0415
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective={objective!r}: expected one of {list(OBJECTIVES)}")
+  if objective == "transport":
+    if diffusion:
+      raise ValueError("diffusion settings only apply to objective='gaussian'")
+    return {"objective": "transport", "time_scale": 1.0}
+  settings = dict(gaussian.DIFFUSION_DEFAULTS)
+  unknown = set(diffusion or {}) - set(settings)
+  if unknown:
+    raise ValueError(f"unknown diffusion settings {sorted(unknown)}; valid: {sorted(settings)}")
+  settings.update(diffusion or {})
+  gaussian.get_named_beta_schedule(settings["noise_schedule"], settings["diffusion_steps"])
+  return {"objective": "gaussian", "time_scale": float(settings["diffusion_steps"]),
+          "diffusion": settings}
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m edit_jax.convert", description=__doc__.split("\n")[0])
   ap.add_argument("src", help="official checkpoint: .pt/.pth (read without torch), .npz or "
                   ".safetensors")
   ap.add_argument("out_dir", help="output directory for the Orbax checkpoint")
+  ap.add_argument("--objective", choices=OBJECTIVES, default=None,
+                  help="what the weights were trained with: gaussian (DiT) or transport (SiT); "
+                       "default: from the file name (DiT-* -> gaussian), else transport")
+  ap.add_argument("--diffusion_steps", type=int, default=None,
+                  help="gaussian only: the training chain length (DiT: 1000)")
   ap.add_argument("--num_heads", type=int, default=None)
   ap.add_argument("--model_only", action="store_true", help="use 'model' instead of 'ema'")
   ap.add_argument("--overwrite", action="store_true")
   cli.add_debug_flag(ap)
   args = ap.parse_args(argv)
+  objective = args.objective or guess_objective(args.src) or "transport"
+  if args.diffusion_steps is not None and objective != "gaussian":
+    raise ValueError(f"--diffusion_steps applies to --objective gaussian only (this run: "
+                     f"{objective}): drop it or pass --objective gaussian")
+  record = objective_record(objective, None if args.diffusion_steps is None
+                            else {"diffusion_steps": args.diffusion_steps})
   src = pathlib.Path(args.src)
   if not src.exists():
     raise FileNotFoundError(f"checkpoint {src} does not exist")
@@ -372,13 +425,17 @@ def main(argv=None):
                           f"or pass --overwrite")
   model, params = load_torch_checkpoint(args.src, num_heads=args.num_heads,
                                         use_ema=not args.model_only)
+  if objective == "gaussian" and not model.learn_sigma:
+    print("note: no learned-sigma channels: the Gaussian objective samples with the fixed "
+          "(large) variance")
   out = save_converted(args.out_dir, model, params, overwrite=args.overwrite,
-                       extra={"source": str(args.src)})
+                       extra={"source": str(args.src), **record})
   cfg = models.model_config(model)
   print(f"converted {args.src} -> {out}: depth={cfg['depth']} hidden={cfg['hidden_size']} "
         f"heads={cfg['num_heads']} patch={cfg['patch_size']} input={cfg['input_size']} "
         f"classes={cfg['num_classes']} mediator_num={cfg['mediator_num']} "
-        f"params={models.count_params(params):,}")
+        f"params={models.count_params(params):,} objective={objective}"
+        f"{'' if args.objective else ' (from the file name; pass --objective to choose)'}")
 
 
 if __name__ == "__main__":

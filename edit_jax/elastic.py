@@ -124,12 +124,17 @@ def step_keys(mediators: Sequence[int], mode: str, num_random: int = 1) -> list[
   return [tuple(sorted({ms[0], ms[-1], *c})) for c in itertools.combinations(inner, k)]
 
 
-def make_loss_fn(model: models.SiT, transport, mediators: Sequence[int]):
+def make_loss_fn(model: models.SiT, transport, mediators: Sequence[int],
+                 loss_for: Callable | None = None):
   """Training loss of the elastic `model` averaged over `mediators` (same batch, t and noise for
   each n). Returns `loss_fn(params, x1, y, rng) -> (loss, aux)` like
-  `edit_jax.diffusion.transport.make_loss_fn`; aux["loss_by_n"]: (len(mediators),)."""
-  from edit_jax.diffusion import transport as transport_lib  # noqa: PLC0415
-  fns = [transport_lib.make_loss_fn(at(model, n), transport) for n in mediators]
+  `edit_jax.diffusion.transport.make_loss_fn`; aux["loss_by_n"]: (len(mediators),).
+  loss_for(model_at_n) builds the per-n loss (default: the transport loss of `transport`; the
+  trainer passes its objective's, e.g. DiT's Gaussian diffusion loss)."""
+  if loss_for is None:
+    from edit_jax.diffusion import transport as transport_lib  # noqa: PLC0415
+    loss_for = lambda m: transport_lib.make_loss_fn(m, transport)  # noqa: E731
+  fns = [loss_for(at(model, n)) for n in mediators]
 
   def loss_fn(params, x1, y, rng):
     outs = [f(params, x1, y, rng) for f in fns]
@@ -143,20 +148,23 @@ def make_loss_fn(model: models.SiT, transport, mediators: Sequence[int]):
 class StepSelector:
   """`selector(step)` -> the jitted train step for the n-tuple of that step.
 
-  build(loss_fn) makes one jitted train step (e.g. `edit_jax.train.make_train_step`). Steps are
+  build(loss_fn) makes one jitted train step (e.g. `edit_jax.train.make_train_step`);
+  loss_for(model) the loss of one model (default: the transport loss of `transport`). Steps are
   built lazily per n-tuple and kept, so after every tuple has occurred once nothing is traced or
   compiled again. Static (non-elastic) training: one step for every step.
   """
 
   def __init__(self, model, transport, build: Callable, *, mediators: Sequence[int] = (),
-               mode: str = "uniform", seed: int = 0, num_random: int = 1):
+               mode: str = "uniform", seed: int = 0, num_random: int = 1,
+               loss_for: Callable | None = None):
     from edit_jax.diffusion import transport as transport_lib  # noqa: PLC0415
     self.model, self.transport, self.build = model, transport, build
+    self.loss_for = loss_for or (lambda m: transport_lib.make_loss_fn(m, transport))
     self.mediators = tuple(sorted(set(int(n) for n in mediators)))
     self.mode, self.seed, self.num_random = mode, int(seed), int(num_random)
     self.steps: dict[tuple[int, ...], Callable] = {}
     if not self.mediators:
-      self._static = build(transport_lib.make_loss_fn(model, transport))
+      self._static = build(self.loss_for(model))
     else:
       check_mode(mode, num_random)
       self._static = None
@@ -181,18 +189,22 @@ class StepSelector:
     key = self.mediators_at(step)
     fn = self.steps.get(key)
     if fn is None:
-      fn = self.steps[key] = self.build(make_loss_fn(self.model, self.transport, key))
+      fn = self.steps[key] = self.build(make_loss_fn(self.model, self.transport, key,
+                                                     self.loss_for))
     return fn
 
 
-def step_selector(config, model, transport, build: Callable) -> StepSelector:
-  """The trainer's StepSelector from `config.elastic` (absent / empty mediators: static)."""
+def step_selector(config, model, transport, build: Callable,
+                  loss_for: Callable | None = None) -> StepSelector:
+  """The trainer's StepSelector from `config.elastic` (absent / empty mediators: static);
+  loss_for(model) -> loss_fn of the run's objective (default: transport)."""
   ec = config.get("elastic") if hasattr(config, "get") else None
   ms = ec.mediators if ec is not None else ""
   if not ms:
-    return StepSelector(model, transport, build)
+    return StepSelector(model, transport, build, loss_for=loss_for)
   return StepSelector(model, transport, build, mediators=parse_mediators(ms, model.num_tokens),
-                      mode=ec.mode, seed=config.seed, num_random=ec.num_random)
+                      mode=ec.mode, seed=config.seed, num_random=ec.num_random,
+                      loss_for=loss_for)
 
 
 def check_config(config, model) -> None:

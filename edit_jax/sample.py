@@ -1,7 +1,9 @@
-"""Sample images from SiT checkpoints: command line and `sample_images(...)` for notebooks.
+"""Sample images from SiT / DiT checkpoints: command line and `sample_images(...)` for notebooks.
 
     python -m edit_jax.sample --ckpt CKPT --out DIR --num_samples 64 --batch_size 32 \\
-        [--mode sde|ode] [--method Euler|Heun|euler|heun2|dopri5] [--num_steps 250] \\
+        [--objective transport|gaussian] [--mode sde|ode|ddpm|ddim] \\
+        [--method Euler|Heun|euler|heun2|dopri5] [--num_steps 250] [--eta 0.0] \\
+        [--respacing ddim50] [--clip_denoised] \\
         [--cfg_scale 4.0] [--guide_channels 3|all] [--guidance_interval 0.0,0.7] \\
         [--classes random|3,17,207|FILE] [--seed 0] [--vae PATH] [--raw_weights] [--overwrite]
     # step-wise dynamic mediators: several checkpoints, fewest mediators first
@@ -29,8 +31,15 @@ User errors (missing checkpoint, bad option, existing output) exit with status 2
 scripts (clip(127.5 x + 128)); latent models (4 channels) are decoded by the SD-VAE given with --vae
 (or $EDIT_JAX_VAE). The batch is split over all local devices (NamedSharding).
 
-Defaults follow the official sample_ddp.py: SDE Euler-Maruyama, sigma diffusion, Mean last step
-0.04, 250 steps, cfg 1.0, uniform random labels.
+Objective: what the checkpoint was trained with. By default it is read from the checkpoint
+(training workdirs and converted directories record it; an official file named `DiT-*` is taken
+as gaussian); `--objective` overrides. "transport" (SiT): `--mode sde|ode`. "gaussian" (DiT's
+discrete diffusion): `--mode ddpm|ddim` on the chain `create_diffusion(str(num_steps))` (or
+`--respacing`, e.g. ddim50 or 100,50), `--eta` for DDIM, `--clip_denoised` to clip x0 to [-1, 1].
+
+Defaults follow the official scripts: SiT sample_ddp.py (SDE Euler-Maruyama, sigma diffusion,
+Mean last step 0.04, 250 steps) and DiT sample_ddp.py (DDPM, 250 steps, no clipping); cfg 1.0,
+uniform random labels.
 """
 from __future__ import annotations
 
@@ -47,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax import cli
-from edit_jax.diffusion import guidance, samplers
+from edit_jax.diffusion import gaussian, guidance, samplers
 from edit_jax.diffusion.transport import create_transport
 
 OUTPUT_FILES = ("samples.npz", "grid.png", "summary.json")
@@ -59,7 +68,8 @@ class SampleConfig:
   out: Optional[str] = None
   num_samples: int = 64
   batch_size: int = 32
-  mode: str = "sde"                     # "sde" | "ode"
+  objective: Optional[str] = None       # "transport" | "gaussian" (None: from the checkpoint)
+  mode: Optional[str] = None            # "sde" | "ode" (transport), "ddpm" | "ddim" (gaussian)
   method: Optional[str] = None          # sde: Euler|Heun; ode: euler|heun2|dopri5 (None: default)
   num_steps: int = 250
   atol: float = 1e-6
@@ -71,6 +81,9 @@ class SampleConfig:
   path_type: str = "Linear"
   prediction: str = "velocity"
   sample_eps: Optional[float] = None
+  eta: float = 0.0                      # gaussian DDIM noise
+  clip_denoised: bool = False           # gaussian: clip the x0 prediction to [-1, 1]
+  respacing: str = ""                   # gaussian: chain ("" -> str(num_steps); "ddim50", ...)
   cfg_scale: float = 1.0
   guide_channels: Optional[int] = 3
   guidance_interval: Optional[Any] = None
@@ -88,15 +101,54 @@ class SampleConfig:
   grid_max: int = 64
 
 
-def sampler_config(cfg: SampleConfig):
-  if cfg.mode == "sde":
+OBJECTIVES = ("transport", "gaussian")
+MODES = {"transport": ("sde", "ode"), "gaussian": ("ddpm", "ddim")}
+
+
+def sampler_config(cfg: SampleConfig, objective: str = "transport"):
+  mode = cfg.mode or MODES[objective][0]
+  if mode not in MODES[objective]:
+    other = "gaussian" if objective == "transport" else "transport"
+    if mode in MODES[other]:
+      raise ValueError(f"--mode {mode} samples the {other} objective but this checkpoint uses "
+                       f"objective={objective!r}: use --mode {'/'.join(MODES[objective])} (or "
+                       f"--objective {other} if the checkpoint's objective is recorded wrongly)")
+    raise ValueError(f"unknown mode {mode!r}: expected one of "
+                     f"{MODES['transport'] + MODES['gaussian']}")
+  if objective == "gaussian":
+    if cfg.method is not None:
+      raise ValueError(f"--method {cfg.method} is a transport option; the gaussian objective "
+                       f"chooses its sampler with --mode ddpm|ddim")
+    return gaussian.GaussianSamplerConfig(method=mode, num_steps=cfg.num_steps, eta=cfg.eta,
+                                          clip_denoised=cfg.clip_denoised,
+                                          respacing=cfg.respacing).validate()
+  if cfg.eta or cfg.respacing or cfg.clip_denoised:
+    raise ValueError("--eta, --respacing and --clip_denoised apply to the gaussian objective "
+                     "(DDPM/DDIM) only")
+  if mode == "sde":
     return samplers.SDEConfig(method=cfg.method or "Euler", num_steps=cfg.num_steps,
                               diffusion_form=cfg.diffusion_form, diffusion_norm=cfg.diffusion_norm,
                               last_step=cfg.last_step, last_step_size=cfg.last_step_size).validate()
-  if cfg.mode == "ode":
-    return samplers.ODEConfig(method=cfg.method or "dopri5", num_steps=cfg.num_steps,
-                              atol=cfg.atol, rtol=cfg.rtol).validate()
-  raise ValueError(f"unknown mode {cfg.mode!r}: expected 'sde' or 'ode'")
+  return samplers.ODEConfig(method=cfg.method or "dopri5", num_steps=cfg.num_steps,
+                            atol=cfg.atol, rtol=cfg.rtol).validate()
+
+
+def resolve_objective(cfg: SampleConfig) -> tuple[str, Optional[dict]]:
+  """(objective, Gaussian diffusion settings or None): --objective, else what the checkpoints
+  record (they must agree), else "transport"."""
+  from edit_jax import checkpoint  # noqa: PLC0415
+  if cfg.objective is not None and cfg.objective not in OBJECTIVES:
+    raise ValueError(f"objective={cfg.objective!r}: expected one of {list(OBJECTIVES)}")
+  records = [checkpoint.load_objective(c) for c in cfg.ckpts]
+  known = {r["objective"] for r in records if r is not None}
+  if cfg.objective is None and len(known) > 1:
+    raise ValueError(f"the checkpoints were trained with different objectives {sorted(known)}: a "
+                     f"schedule needs one objective")
+  objective = cfg.objective or (known.pop() if known else "transport")
+  settings = [r.get("diffusion") for r in records if r is not None and r.get("diffusion")]
+  if objective == "gaussian" and settings and any(x != settings[0] for x in settings):
+    raise ValueError(f"the checkpoints record different diffusion settings: {settings}")
+  return objective, (settings[0] if objective == "gaussian" and settings else None)
 
 
 def _check_outputs(out: Optional[str], overwrite: bool):
@@ -241,8 +293,14 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
   from edit_jax import flops  # noqa: PLC0415
   # ---- validation before any work
   _check_outputs(cfg.out, cfg.overwrite)
-  scfg = sampler_config(cfg)
-  transport = create_transport(cfg.path_type, cfg.prediction, sample_eps=cfg.sample_eps)
+  objective, diffusion_settings = resolve_objective(cfg)
+  scfg = sampler_config(cfg, objective)
+  if objective == "gaussian":
+    # provisional (learned variance or not comes from the model): validates the chain now
+    transport = gaussian.diffusion_from_settings(diffusion_settings, True)
+    gaussian.check_guidance(cfg.cfg_scale, cfg.guide_channels, cfg.guidance_interval)
+  else:
+    transport = create_transport(cfg.path_type, cfg.prediction, sample_eps=cfg.sample_eps)
   if scfg.kind == "sde" or scfg.fixed:
     samplers.program(transport, scfg)
   if cfg.num_samples < 1 or cfg.batch_size < 1:
@@ -292,6 +350,8 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
   model = models_[-1]
   guidance.check_guidance(cfg.cfg_scale, cfg.guide_channels, cfg.guidance_interval,
                           model.in_channels)
+  if objective == "gaussian":
+    transport = gaussian.diffusion_from_settings(diffusion_settings, model.learn_sigma)
   decode = _decoder(model, cfg)
   labels = _labels(cfg, model.num_classes)
 
@@ -309,9 +369,9 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
         guide_channels=cfg.guide_channels, guidance_interval=cfg.guidance_interval,
         per_sample=cfg.per_sample_switching, mesh=mesh if len(devices) > 1 else None)
   else:
-    fn = samplers.make_sample_fn(model, transport, scfg, cfg_scale=cfg.cfg_scale,
-                                 guide_channels=cfg.guide_channels,
-                                 guidance_interval=cfg.guidance_interval)
+    make = gaussian.make_sample_fn if objective == "gaussian" else samplers.make_sample_fn
+    fn = make(model, transport, scfg, cfg_scale=cfg.cfg_scale, guide_channels=cfg.guide_channels,
+              guidance_interval=cfg.guidance_interval)
     jitted = jax.jit(fn, out_shardings=samplers.Sample(batch_sh, repl))
     params_r = jax.device_put(params[0], repl)
 
@@ -378,7 +438,10 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
       "num_samples": cfg.num_samples, "batch_size": b, "devices": len(devices),
       "device_kind": devices[0].device_kind, "image_shape": list(images.shape[1:]),
       "sampler": dataclasses.asdict(scfg) | {"kind": scfg.kind},
-      "transport": dataclasses.asdict(transport),
+      "objective": objective,
+      "transport": dataclasses.asdict(transport) if objective == "transport" else None,
+      "diffusion": (gaussian.for_sampling(transport, scfg).describe()
+                    if objective == "gaussian" else None),
       "cfg_scale": cfg.cfg_scale, "guide_channels": cfg.guide_channels,
       "guidance_interval": cfg.guidance_interval, "seed": cfg.seed,
       "nfe_per_image": float(np.mean(nfes)),
@@ -409,14 +472,23 @@ def _parse_interval(s):
 def build_parser() -> argparse.ArgumentParser:
   d = SampleConfig()
   ap = argparse.ArgumentParser(prog="python -m edit_jax.sample",
-                               description="Sample images from SiT checkpoints.")
+                               description="Sample images from SiT / DiT checkpoints.")
   ap.add_argument("--ckpt", action="append", required=True, dest="ckpts",
                   help="checkpoint (repeat for the dynamic schedule, fewest mediators first)")
   ap.add_argument("--out", required=True, help="output directory")
   ap.add_argument("--num_samples", type=int, default=d.num_samples)
   ap.add_argument("--batch_size", type=int, default=d.batch_size)
-  ap.add_argument("--mode", choices=("sde", "ode"), default=d.mode)
+  ap.add_argument("--objective", choices=OBJECTIVES, default=None,
+                  help="what the checkpoint was trained with (default: recorded in it, else "
+                       "transport)")
+  ap.add_argument("--mode", choices=("sde", "ode", "ddpm", "ddim"), default=None,
+                  help="transport: sde (default) | ode; gaussian: ddpm (default) | ddim")
   ap.add_argument("--method", default=None, help="SDE: Euler|Heun; ODE: euler|heun2|dopri5")
+  ap.add_argument("--eta", type=float, default=d.eta, help="gaussian DDIM noise (0: deterministic)")
+  ap.add_argument("--respacing", default=d.respacing,
+                  help="gaussian: timestep respacing, e.g. 250, ddim50, 100,50 (default: num_steps)")
+  ap.add_argument("--clip_denoised", action="store_true",
+                  help="gaussian: clip the predicted x0 to [-1, 1] (pixel-space models)")
   ap.add_argument("--num_steps", type=int, default=d.num_steps)
   ap.add_argument("--atol", type=float, default=d.atol)
   ap.add_argument("--rtol", type=float, default=d.rtol)
@@ -464,7 +536,9 @@ def config_from_args(argv=None) -> SampleConfig:
     raise ValueError(f"--mediators {a.mediators!r}: expected comma-separated perfect squares, "
                      f"e.g. 4,16,64") from None
   return SampleConfig(
-      mediators=mediators, ckpts=a.ckpts, out=a.out, num_samples=a.num_samples, batch_size=a.batch_size, mode=a.mode,
+      mediators=mediators, ckpts=a.ckpts, out=a.out, num_samples=a.num_samples,
+      batch_size=a.batch_size, mode=a.mode,
+      objective=a.objective, eta=a.eta, respacing=a.respacing, clip_denoised=a.clip_denoised,
       method=a.method, num_steps=a.num_steps, atol=a.atol, rtol=a.rtol,
       diffusion_form=a.diffusion_form, diffusion_norm=a.diffusion_norm,
       last_step=None if a.last_step in ("None", "none") else a.last_step,

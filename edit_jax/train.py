@@ -7,7 +7,9 @@ born sharded (params + AdamW state + EMA, by the model's logical axis names; see
 ``edit_jax.sharding``), resumes from ``workdir/checkpoints`` when possible (else initializes, or
 loads ``config.init_from``), and runs one jitted, donated train step per global batch:
 
-    rng_t = fold_in(rng_base, step);  loss = transport loss (edit_jax.diffusion.transport.make_loss_fn)
+    rng_t = fold_in(rng_base, step);  loss = the objective's loss (``config.objective``:
+      "transport" = SiT, edit_jax.diffusion.transport.make_loss_fn; "gaussian" = DiT,
+      edit_jax.diffusion.gaussian.make_loss_fn with ``config.diffusion``)
     grads (optionally accumulated over micro-batches) -> [clip] -> AdamW -> EMA update
 
 Recipe of the paper / official code (spec/sit_mediators.md section 6): AdamW lr 1e-4, no weight
@@ -48,6 +50,7 @@ from edit_jax import elastic as elastic_lib
 from edit_jax import metrics as metrics_lib
 from edit_jax import models
 from edit_jax import sharding as sharding_lib
+from edit_jax.diffusion import gaussian as gaussian_lib
 from edit_jax.diffusion import transport as transport_lib
 
 # Re-exported: the official 256 -> 512 -> 1024 rule lives with the other checkpoint helpers.
@@ -80,9 +83,13 @@ def default_config() -> ml_collections.ConfigDict:
   # train, e.g. "4,16,64" ("" = static: model.mediator_num only); mode "uniform" (one n per step)
   # or "sandwich" (smallest + largest + num_random between, every step).
   c.elastic = ml_collections.ConfigDict(dict(mediators="", mode="uniform", num_random=1))
+  # Objective: "transport" (SiT's interpolants, c.transport) or "gaussian" (DiT's discrete
+  # diffusion, c.diffusion = the create_diffusion flags; learned variance = model.learn_sigma).
+  c.objective = "transport"
   c.transport = ml_collections.ConfigDict(dict(
       path_type="Linear", prediction="velocity", loss_weight="none",
       train_eps=-1.0, sample_eps=-1.0))  # < 0: the official defaults
+  c.diffusion = ml_collections.ConfigDict(dict(gaussian_lib.DIFFUSION_DEFAULTS))
   c.data = ml_collections.ConfigDict(dict(
       name="latents", path="", image_size=256, channels=3, num_classes=1000, random_flip=True,
       latent_sample=True, space="pixels", latent_channels=4, tfds_name="", split="train",
@@ -107,7 +114,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       every=10000, method="heun2", num_steps=50, cfg_scale=4.0, guide_channels=3,
       classes=IMAGENET_SAMPLE_CLASSES, per_class=2, vae_path="", seed=1, upscale=1,
-      digit_accuracy=False))  # digits data: score grids with edit_jax.eval.digits' classifier
+      digit_accuracy=False,  # digits data: score grids with edit_jax.eval.digits' classifier
+      eta=0.0, clip_denoised=False, respacing=""))  # objective="gaussian" (method ddpm / ddim)
   c.init_from = ""               # workdir / converted dir / .pt / .npz to initialize params from
   c.init_from_ema = True
   c.init_from_grid = 0           # token grid of init_from weights if it differs (0: infer)
@@ -147,6 +155,32 @@ def get_transport(config) -> transport_lib.Transport:
       None if tc.train_eps < 0 else tc.train_eps, None if tc.sample_eps < 0 else tc.sample_eps)
 
 
+OBJECTIVES = ("transport", "gaussian")
+
+
+def get_diffusion(config, model) -> gaussian_lib.GaussianDiffusion:
+  """The training diffusion (all ``config.diffusion.diffusion_steps`` steps) of objective="gaussian"."""
+  try:
+    return gaussian_lib.diffusion_from_settings(config.diffusion.to_dict(), model.learn_sigma)
+  except ValueError as e:
+    raise ConfigError(f"config.diffusion: {e}") from e
+
+
+def get_objective(config, model):
+  """``Transport`` (objective="transport") or ``GaussianDiffusion`` (objective="gaussian")."""
+  if config.get("objective", "transport") not in OBJECTIVES:
+    raise ConfigError(f"objective={config.objective!r}: expected one of {list(OBJECTIVES)}")
+  if config.get("objective", "transport") == "gaussian":
+    return get_diffusion(config, model)
+  return get_transport(config)
+
+
+def make_loss_fn(config, model, objective):
+  if config.get("objective", "transport") == "gaussian":
+    return gaussian_lib.make_loss_fn(model, objective)
+  return transport_lib.make_loss_fn(model, objective)
+
+
 def check_config(config, model: models.SiT, example_shape, num_classes: int):
   """Cross-checks model vs data and the step counters; raises ConfigError."""
   expect = (model.input_size, model.input_size, model.in_channels)
@@ -174,10 +208,17 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
     elastic_lib.check_config(config, model)
   except ValueError as e:
     raise ConfigError(f"config.elastic: {e}") from e
+  gaussian = config.get("objective", "transport") == "gaussian"
+  method = str(config.sample.method)
+  if config.sample.every > 0 and gaussian != (method.lower() in gaussian_lib.METHODS):
+    want = ("'ddpm' or 'ddim'" if gaussian else "'euler', 'heun2', 'dopri5' (ODE) or 'Euler', "
+            "'Heun' (SDE)")
+    raise ConfigError(f"sample.method={method!r} does not fit objective="
+                      f"{config.get('objective', 'transport')!r}: use {want}")
   check_optim_config(config)
   if config.sample.every > 0:
     try:
-      sampler_config(config.sample)
+      sampler_config(config.sample, config.get("objective", "transport"))
     except ValueError as e:
       raise ConfigError(f"config.sample: {e}") from None
 
@@ -472,15 +513,21 @@ def sample_labels(config, num_classes: int) -> np.ndarray:
   return np.repeat(np.asarray(classes, np.int32), int(config.sample.per_class))
 
 
-def sampler_config(sc):
-  """The validated ``edit_jax.diffusion.samplers`` config of ``config.sample`` (ValueError)."""
+def sampler_config(sc, objective: str = "transport"):
+  """The validated sampler config of ``config.sample`` (ValueError): an
+  ``edit_jax.diffusion.samplers`` ODE/SDE config for the transport, a
+  ``GaussianSamplerConfig`` (DDPM/DDIM) for ``objective="gaussian"``."""
   from edit_jax.diffusion import guidance, samplers  # noqa: PLC0415
-  if sc.method in ("Euler", "Heun"):
+  if objective == "gaussian":
+    cfg = gaussian_lib.GaussianSamplerConfig(
+        method=sc.method, num_steps=sc.num_steps, eta=sc.get("eta", 0.0),
+        clip_denoised=sc.get("clip_denoised", False), respacing=sc.get("respacing", ""))
+  elif sc.method in ("Euler", "Heun"):
     cfg = samplers.SDEConfig(method=sc.method, num_steps=sc.num_steps)
   else:
     cfg = samplers.ODEConfig(method=sc.method, num_steps=sc.num_steps)
   cfg = cfg.validate()
-  if sc.num_steps < 2:
+  if objective != "gaussian" and sc.num_steps < 2:  # a Gaussian chain may be set by respacing
     raise ValueError(f"num_steps={sc.num_steps} must be >= 2 (grid points)")
   if sc.per_class < 1:
     raise ValueError(f"per_class={sc.per_class} must be >= 1")
@@ -489,14 +536,20 @@ def sampler_config(sc):
 
 
 def make_sampler(config, model, transport, mesh, ema_shardings):
-  """A jitted ``(ema_params, x0, y) -> samples`` with edit_jax.diffusion.samplers (EMA model, CFG)."""
+  """A jitted ``(ema_params, x0, y, rng) -> samples`` (EMA model, CFG): edit_jax.diffusion.samplers
+  for a ``Transport``, DDPM/DDIM (edit_jax.diffusion.gaussian) for a ``GaussianDiffusion``."""
   from edit_jax.diffusion import samplers  # noqa: PLC0415
   sc = config.sample
-  cfg = sampler_config(sc)
+  gaussian = isinstance(transport, gaussian_lib.GaussianDiffusion)
+  cfg = sampler_config(sc, "gaussian" if gaussian else "transport")
   gc = None if sc.guide_channels is None or sc.guide_channels < 0 else int(sc.guide_channels)
   if gc is not None and gc > model.in_channels:
     gc = None
-  fn = samplers.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale, guide_channels=gc)
+  if gaussian:
+    fn = gaussian_lib.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale,
+                                     guide_channels=gc)
+  else:
+    fn = samplers.make_sample_fn(model, transport, cfg, cfg_scale=sc.cfg_scale, guide_channels=gc)
   rep = NamedSharding(mesh, P())
   return jax.jit(lambda p, x0, y, rng: fn(p, x0, y, rng).x,
                  in_shardings=(ema_shardings, rep, rep, rep), out_shardings=rep)
@@ -593,6 +646,21 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
   return state, shardings, None
 
 
+def _check_resumed_objective(wd: epath.Path, config):
+  """A workdir with checkpoints resumes only with the objective it was trained with (checked before
+  config.json is rewritten)."""
+  ckdir = ckpt_lib.checkpoint_dir(str(wd))
+  if not (wd / "config.json").exists() or not ckdir.exists():
+    return
+  if not any(p.name.isdigit() for p in ckdir.iterdir()):
+    return
+  saved = json.loads((wd / "config.json").read_text()).get("objective", "transport")
+  if saved != config.get("objective", "transport"):
+    raise ConfigError(f"{wd} holds checkpoints trained with objective={saved!r} but the config says "
+                      f"objective={config.objective!r}: pass --config.objective={saved} to resume "
+                      f"it, or use another workdir")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains until ``config.num_train_steps`` (resuming from ``workdir``); returns a summary.
 
@@ -617,7 +685,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   check_workdir(workdir)
   model = get_model(config)
-  transport = get_transport(config)
+  transport = get_objective(config, model)  # a Transport or a GaussianDiffusion
   mesh = sharding_lib.make_mesh(config.mesh_shape, tuple(config.mesh_axes))
   sharding_lib.check_batch_size(config.global_batch_size, mesh, config.grad_accum_steps, pcount)
   pipeline = data_lib.make_pipeline(config.data, seed=config.seed,
@@ -628,6 +696,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, schedule = make_optimizer(config)
 
   wd = epath.Path(workdir)
+  _check_resumed_objective(wd, config)
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints,
                                async_save=config.async_checkpointing)
   base = jax.random.key(config.seed)
@@ -639,10 +708,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if meta is not None and int(meta.get("data_position", start)) != start:
       logging.warning("checkpoint data_position %s != step %d; following the step",
                       meta.get("data_position"), start)
-    # One jitted step (static), or one per mediator-count tuple (elastic), picked per step.
-    step_for = elastic_lib.step_selector(config, model, transport, lambda loss_fn: make_train_step(
-        loss_fn, tx, schedule, mesh, shardings, grad_accum_steps=config.grad_accum_steps,
-        ema_decay=config.ema_decay, ema_warmup=config.ema_warmup, batch_axes=sharding_lib.BATCH))
+    # One jitted step (static), or one per mediator-count tuple (elastic), picked per step; the
+    # loss of the run's objective (transport or Gaussian diffusion) for the model at each n.
+    step_for = elastic_lib.step_selector(
+        config, model, transport,
+        lambda loss_fn: make_train_step(
+            loss_fn, tx, schedule, mesh, shardings, grad_accum_steps=config.grad_accum_steps,
+            ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
+            batch_axes=sharding_lib.BATCH),
+        loss_for=lambda m: make_loss_fn(config, m, transport))
     bsh = sharding_lib.batch_sharding(mesh)
     sampler = vae_state = None
     if config.sample.every > 0:
@@ -846,7 +920,8 @@ def _gflops(model) -> float:
 
 
 __all__ = [
-    "TrainState", "default_config", "get_model", "get_transport", "make_optimizer",
+    "TrainState", "default_config", "get_model", "get_transport", "get_diffusion",
+    "get_objective", "make_optimizer",
     "create_train_state", "make_train_step", "train_and_evaluate", "resize_mediator_params",
     "maybe_initialize_distributed", "state_shardings", "ConfigError",
 ]

@@ -237,3 +237,51 @@ def test_real_reference_scores_every_class(monkeypatch):
   ref = report.real_reference(300, None, (hx, hy), None)
   np.testing.assert_array_equal(np.bincount(seen["labels"], minlength=10), [30] * 10)
   assert ref["num"] == 300 and ref["per_class"] == [30] * 10
+
+
+def _objectives_payload(rows, seeds=(0, 1)):
+  train = [{"objective": o, "seed": s, "final_loss": 0.1 + s, "cpu_seconds": 100.0}
+           for s in seeds for o in ("transport", "gaussian")]
+  return {"command": "python benchmarks/gaussian_vs_transport.py", "machine": "cpu", "date": "d",
+          "git_revision": "abc", "recipe_revision": "abc", "steps": 1500, "seeds": list(seeds),
+          "num_samples": 500, "nfe": 50, "cfg_scale": 3.0,
+          "configs": {"transport": "configs/quickstart.py", "gaussian": "configs/dit.py:digits"},
+          "train": train, "rows": rows, "real_reference": {"fdd": 1.0, "accuracy": 0.99}}
+
+
+def _obj_row(obj, seed, sampler, natural, nfe, fdd, acc):
+  return {"objective": obj, "seed": seed, "sampler": sampler, "natural": natural, "nfe": nfe,
+          "fdd": fdd, "accuracy": acc}
+
+
+def test_objectives_rows_pair_seeds_and_average():
+  rows = [_obj_row("gaussian", 0, "DDIM-50", True, 50, 30.0, 0.8),
+          _obj_row("transport", 0, "Euler ODE-50", False, 50, 22.0, 0.9),
+          _obj_row("transport", 0, "Heun ODE-30", True, 58, 20.0, 0.9),
+          _obj_row("transport", 1, "Heun ODE-30", True, 58, 40.0, 0.7),
+          _obj_row("gaussian", 1, "DDIM-50", True, 50, 10.0, 0.6),
+          _obj_row("transport", 1, "Euler ODE-50", False, 50, 24.0, 0.8),
+          _obj_row("gaussian", 0, "DDPM-50", False, 50, 25.0, 0.8),
+          _obj_row("gaussian", 1, "DDPM-50", False, 50, 26.0, 0.8)]
+  out = report.objectives_rows(_objectives_payload(rows))
+  assert [(r["objective"], r["sampler"]) for r in out] == [
+      ("transport", "Heun ODE-30"), ("transport", "Euler ODE-50"), ("gaussian", "DDIM-50"),
+      ("gaussian", "DDPM-50")]
+  heun = out[0]
+  assert heun["FDD s0"] == 20.0 and heun["FDD s1"] == 40.0 and heun["FDD mean"] == 30.0
+  assert heun["acc s1"] == 0.7 and heun["acc mean"] == pytest.approx(0.8) and heun["NFE"] == 58
+  text = "\n".join(report.objectives_section(_objectives_payload(rows)))
+  assert "| transport | Heun ODE-30 | yes | 58 | 20.0 | 40.0 | 30.0 | 0.900 | 0.700 | 0.800 |" \
+      in text
+  # natural: transport 30.0 vs gaussian 20.0 (mean) -> gaussian, but seed 0 says transport
+  assert ("**Natural samplers.** transport Heun ODE-30 (58 NFE): FDD 30.0, accuracy 0.800; "
+          "gaussian DDIM-50 (50 NFE): FDD 20.0, accuracy 0.700 (means over seeds). Lower FDD: "
+          "gaussian, in 1 of 2 seeds (the seeds disagree: no verdict).") in text
+  assert ("**Best at matched NFE.** transport Euler ODE-50 (50 NFE): FDD 23.0, accuracy 0.850; "
+          "gaussian DDPM-50 (50 NFE): FDD 25.5, accuracy 0.800 (means over seeds). Lower FDD: "
+          "transport, in 2 of 2 seeds.") in text
+  one = report.objectives_section(_objectives_payload(
+      [r for r in rows if r["seed"] == 0], seeds=(0,)))
+  text1 = "\n".join(one)
+  assert "| objective | sampler | natural | NFE | FDD | accuracy |" in text1
+  assert "training seed 0 only" in text1 and "seeds disagree" not in text1

@@ -341,14 +341,14 @@ def test_two_processes_init_from_official_weights(tmp_path):
 
 
 def test_cli_nonfinite_loss_exits_3(tmp_path):
-  """Adam with eps=0 divides 0 by 0 for the adaLN-Zero blocks' (zero) first gradients: the params
-  and then the loss become NaN. The CLI stops with exit status 3, one error line, no traceback,
-  and saves nothing."""
+  """A learning rate of 1e38 (valid: finite and > 0) moves the params to ~1e38 in the first step,
+  so the next loss overflows to inf/NaN. The CLI stops with exit status 3, one error line, no
+  traceback, and saves nothing."""
   cfg_file = tmp_path / "tiny_config.py"
   cfg_file.write_text(CONFIG_PY)
   wd = tmp_path / "nan"
   p = subprocess.run([sys.executable, "-m", "edit_jax.main", f"--config={cfg_file}",
-                      f"--workdir={wd}", "--config.optim.eps=0.0"], env=child_env(),
+                      f"--workdir={wd}", "--config.optim.learning_rate=1e38"], env=child_env(),
                      capture_output=True, text=True, timeout=300, cwd=str(ROOT))
   assert p.returncode == 3, p.stderr[-3000:]
   assert "loss became non-finite (nan/inf) between steps 1 and 2" in p.stderr

@@ -1,7 +1,8 @@
 """Step-wise dynamic mediator schedule (Attention Mediators §4), with per-sample switching.
 
 K separately trained models with increasing mediator counts n_1 < ... < n_K (each its own params)
-share one fixed-step sampler (ODE euler / heun2 or SDE Euler / Heun, with or without CFG). Every
+share one fixed-step sampler (ODE euler / heun2 or SDE Euler / Heun for the transport; DDPM or
+DDIM for the Gaussian objective; with or without CFG). Every
 sample starts on stage 0 (fewest mediators) and moves to more mediators once its latent changes
 slowly. With x_k the state after step k (k = 0 .. S-1; it includes the SDE noise):
 
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.diffusion import guidance, samplers
+from edit_jax.diffusion import gaussian, guidance, samplers
 from edit_jax.diffusion.transport import Transport
 
 DISTANCES = ("l1", "l2")
@@ -206,7 +207,10 @@ class DynamicSampler:
       K = 1 is plain fixed-step sampling of one model (full attention allowed), with the same
       noise streams and FLOPs accounting as a schedule.
     params: their K parameter trees.
-    transport, sampler: a fixed-step `samplers.ODEConfig` (euler / heun2) or `SDEConfig`.
+    transport, sampler: a `Transport` with a fixed-step `samplers.ODEConfig` (euler / heun2) or
+      `SDEConfig`; or a `gaussian.GaussianDiffusion` with a `gaussian.GaussianSamplerConfig`
+      (DDPM / DDIM on its respaced chain: one network evaluation per step, model time
+      timestep_map[t]; DDPM and DDIM with eta > 0 draw per-sample step noise as the SDE does).
     rule: `SwitchRule` with K - 1 ratios.
     batch_size: B, the (static) batch of every `sample` call.
     cfg_scale, guide_channels, guidance_interval, null_class: classifier-free guidance
@@ -217,7 +221,8 @@ class DynamicSampler:
   Everything is validated and compiled in the constructor.
   """
 
-  def __init__(self, models: Sequence[Any], params: Sequence[Any], transport: Transport,
+  def __init__(self, models: Sequence[Any], params: Sequence[Any],
+               transport: Transport | gaussian.GaussianDiffusion,
                sampler: samplers.SamplerConfig, rule: SwitchRule, *, batch_size: int,
                cfg_scale: float = 1.0, guide_channels: Optional[int] = 3,
                guidance_interval=None, null_class: Optional[int] = None,
@@ -238,6 +243,14 @@ class DynamicSampler:
                        f"sampler has {self.program.num_steps} steps; use more steps or a smaller F")
     if int(batch_size) != batch_size or batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be a positive int")
+    self.gaussian = self.sampler.kind == "gaussian"
+    self.stochastic = self.sampler.kind == "sde" or (self.gaussian and self.sampler.stochastic)
+    if self.gaussian:
+      gaussian.check_guidance(cfg_scale, guide_channels, guidance_interval)
+      if transport.learned_variance != bool(models[0].learn_sigma):
+        raise ValueError(f"the diffusion's {transport.model_var_type} variance does not fit models "
+                         f"with learn_sigma={models[0].learn_sigma}")
+      guide_channels = gaussian.resolve_guide_channels(guide_channels, models[0].in_channels)
     guidance.check_guidance(cfg_scale, guide_channels, guidance_interval, models[0].in_channels)
     self.models, self.transport, self.batch_size = models, transport, int(batch_size)
     self.cfg_scale, self.guidance_interval = cfg_scale, guidance_interval
@@ -307,7 +320,7 @@ class DynamicSampler:
     model = self.models[j]
     step = samplers.make_step(self.transport, self.sampler)
     has_last = bool(self.program.last_evals)
-    is_sde = self.sampler.kind == "sde"
+    stochastic, full_output = self.stochastic, self.gaussian
     kind = self.rule.distance
     use_cfg, scale, null = self.use_cfg, self.cfg_scale, self.null_class
     interval, gch = self.guidance_interval, self.guide_channels
@@ -319,11 +332,11 @@ class DynamicSampler:
       xb, yb = x[safe], y[safe]
       if bucket_sharding is not None:
         xb = jax.lax.with_sharding_constraint(xb, bucket_sharding)
-      model_fn = samplers.flax_model_fn(model, variables)
+      model_fn = samplers.flax_model_fn(model, variables, full_output=full_output)
       if use_cfg:
         model_fn = guidance.guided_model_fn(model_fn, scale, null, gch, interval)
 
-      noise = samplers.step_noise(keys[safe], k, xb.shape[1:]) if is_sde else None
+      noise = samplers.step_noise(keys[safe], k, xb.shape[1:]) if stochastic else None
       xn = step(model_fn, xb, yb, t, dt, noise, is_last if has_last else None)
       d = sample_distance(xn, xb, kind)
       return x.at[idx].set(xn, mode="drop"), d
@@ -398,9 +411,10 @@ class DynamicSampler:
     samplers.check_labels(np.asarray(y), m.num_classes,
                           allow_null=samplers.num_label_values(m) > m.num_classes)
     if rng is None:
-      if self.sampler.kind == "sde":
-        raise ValueError("the SDE sampler needs rng (a PRNG key or one key per sample)")
-      keys = self._unused_keys  # ODE: the step functions ignore them
+      if self.stochastic:
+        raise ValueError(f"the {self.sampler.method} sampler needs rng (a PRNG key or one key "
+                         f"per sample)")
+      keys = self._unused_keys  # deterministic samplers: the step functions ignore them
     else:
       keys = self._put(samplers.per_sample_keys(rng, b), self._batch_sharding)
     # The state buffer is donated to the step functions: always work on a private copy.

@@ -176,10 +176,10 @@ def approx_standard_normal_cdf(x):
 
 def _cdf_tails(x):
   """(cdf, 1 - cdf) of the official tanh approximation, each to float32 relative precision:
-  0.5 (1 + tanh z) = 1 / (1 + e^{-2z}) and 1 - that = 1 / (1 + e^{2z}) (no NaN: e^{..} = inf
-  gives 0)."""
+  0.5 (1 + tanh z) = sigmoid(2z) and 1 - that = sigmoid(-2z) (`jax.nn.sigmoid`: saturates without
+  overflow, and so does its gradient)."""
   z = np.float32(np.sqrt(2.0 / np.pi)) * (x + 0.044715 * x ** 3)
-  return 1.0 / (1.0 + jnp.exp(-2.0 * z)), 1.0 / (1.0 + jnp.exp(2.0 * z))
+  return jax.nn.sigmoid(2.0 * z), jax.nn.sigmoid(-2.0 * z)
 
 
 def discretized_gaussian_log_likelihood(x, *, means, log_scales):

@@ -135,8 +135,18 @@ class Program(NamedTuple):
     return self.evals_per_step * self.num_steps + self.last_evals
 
 
+def _is_gaussian(cfg) -> bool:
+  return getattr(cfg, "kind", None) == "gaussian"
+
+
 def program(transport: Transport, cfg: SamplerConfig) -> Program:
-  """Time grid of a fixed-step sampler (official `check_interval` + `linspace`)."""
+  """Time grid of a fixed-step sampler (official `check_interval` + `linspace`).
+
+  A `gaussian.GaussianSamplerConfig` (with a `GaussianDiffusion` in place of the transport) gets
+  its DDPM/DDIM program from `edit_jax.diffusion.gaussian.program` (t = chain indices)."""
+  if _is_gaussian(cfg):
+    from edit_jax.diffusion import gaussian  # noqa: PLC0415  (gaussian imports this module)
+    return gaussian.program(transport, cfg)
   cfg = cfg.validate()
   if cfg.kind == "ode":
     if not cfg.fixed:
@@ -181,13 +191,17 @@ def step_noise(keys, k, shape):
 
 # --------------------------------------------------------------------------- one step
 def make_step(transport: Transport, cfg: SamplerConfig) -> Callable:
-  """`step(model_fn, x, y, t, dt, noise, is_last=None) -> x_next` for a fixed-step sampler.
+  """`step(model_fn, x, y, t, dt, noise, is_last=None) -> x_next` for a fixed-step sampler
+  (a Gaussian DDPM/DDIM config dispatches to `gaussian.make_step`: t is then the chain index).
 
   t, dt: scalars; noise: (B, H, W, C) standard normal (SDE) or None (ODE).
   `is_last` (SDE only): None -> a regular step; a traced bool -> the SDE last step when true (then
   t = t1 and dt = last_step_size), computed from the same first evaluation (used by the dynamic
   sampler so that one compiled function serves every step).
   """
+  if _is_gaussian(cfg):
+    from edit_jax.diffusion import gaussian  # noqa: PLC0415
+    return gaussian.make_step(transport, cfg)
   cfg = cfg.validate()
   path = transport.path
 
@@ -376,8 +390,11 @@ def sample_sde(model_fn, transport: Transport, x0, y, rng, cfg: SDEConfig = SDEC
 
 
 # --------------------------------------------------------------------------- flax models
-def flax_model_fn(model, variables) -> Callable:
-  """`model_fn(x, t, y)` for a linen module (eval mode)."""
+def flax_model_fn(model, variables, full_output: bool = False) -> Callable:
+  """`model_fn(x, t, y)` for a linen module (eval mode); full_output keeps the learned-sigma
+  channels (the Gaussian objective needs them)."""
+  if full_output:
+    return lambda x, t, y: model.apply(variables, x, t, y, full_output=True)
   return lambda x, t, y: model.apply(variables, x, t, y)
 
 

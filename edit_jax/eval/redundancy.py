@@ -13,11 +13,14 @@ row is the effective query->key attention A2 @ A1 (the part of the layer that mi
 attention; the depthwise conv is separate).
 
 Rows come from the "attention_maps" collection the attention layers sow (edit_jax.models.attention).
-Inputs follow the model's own Euler ODE trajectory from noise (t = 0 noise -> 1 data), so the
-analysis needs only a trained model.
+Inputs follow the model's own deterministic trajectory from noise, so the analysis needs only a
+trained model: the Euler ODE for the transport (t = 0 noise -> 1 data), DDIM (eta 0) on a
+`timesteps`-step respacing for the Gaussian objective (reported at t = k / timesteps as well, with
+the model's own timestep in "model_t"). The objective is read from the checkpoint
+(`edit_jax.checkpoint.load_objective`) unless --objective is given.
 
     python -m edit_jax.eval.redundancy --checkpoint WORKDIR_OR_CONVERTED_DIR --out DIR \
-        [--timesteps 10] [--batch 4] [--label 3]
+        [--timesteps 10] [--batch 4] [--label 3] [--objective transport|gaussian]
 
 writes DIR/redundancy.json, DIR/redundancy.md (layer x timestep table of the JSD score, in nats)
 and DIR/redundancy.png (heat map); refuses to overwrite them. User errors (missing checkpoint,
@@ -77,12 +80,14 @@ def layer_scores(attention_maps, max_pairs: int = 4096) -> dict[str, float]:
 
 
 def analyse(model, params, *, timesteps: int = 10, batch: int = 4, labels=None, seed: int = 0,
-            max_pairs: int = 4096):
-  """Runs the model's Euler ODE trajectory (timesteps + 1 grid points over [0, 1]) and records the
-  JSD score of every layer at every evaluated timestep.
+            max_pairs: int = 4096, diffusion=None):
+  """Runs the model's trajectory and records the JSD score of every layer at every evaluated
+  timestep: the Euler ODE (timesteps + 1 grid points over [0, 1]) for a transport model, or DDIM
+  (eta 0, clipping off) on `diffusion.respace(str(timesteps))` when `diffusion` (a
+  `edit_jax.diffusion.gaussian.GaussianDiffusion`) is given.
 
-  Returns {"t": [..], "layers": [block names], "score": [[layer x t]], "redundancy": [[...]],
-  "mediator_blocks": [...]}.
+  Returns {"t": [..] (0 = noise, 1 = data), "model_t": [..] (what the network saw), "layers":
+  [block names], "score": [[layer x t]], "redundancy": [[...]], "mediator_blocks": [...]}.
   """
   if timesteps < 1:
     raise ValueError(f"timesteps={timesteps} must be >= 1")
@@ -94,22 +99,44 @@ def analyse(model, params, *, timesteps: int = 10, batch: int = 4, labels=None, 
   samplers.check_labels(np.asarray(labels), model.num_classes)
   y = jnp.asarray(np.broadcast_to(np.asarray(labels), (batch,)), jnp.int32)
 
+  gauss = diffusion is not None
+
   @jax.jit
   def fwd(x, t):
-    out, state = model.apply({"params": params}, x, jnp.full((batch,), t), y,
-                             mutable=["attention_maps"])
+    out, state = model.apply({"params": params}, x, jnp.full((batch,), t, jnp.float32), y,
+                             full_output=gauss, mutable=["attention_maps"])
     return out, state["attention_maps"]
 
-  grid = np.linspace(0.0, 1.0, timesteps + 1)
-  ts, per_t = [], []
-  for k in range(timesteps):
-    v, maps = fwd(x, grid[k])
-    ts.append(float(grid[k]))
-    per_t.append(layer_scores(maps, max_pairs=max_pairs))
-    x = x + v * (grid[k + 1] - grid[k])
+  ts, model_ts, per_t = [], [], []
+  if gauss:
+    from edit_jax.diffusion import gaussian  # noqa: PLC0415
+    cfg = gaussian.GaussianSamplerConfig("ddim", respacing=str(timesteps))
+    d = gaussian.for_sampling(diffusion, cfg)
+
+    @jax.jit
+    def ddim_step(out, x, i):
+      tb = jnp.full((batch,), i, jnp.int32)
+      pmv = d.p_mean_variance_from_output(out, x, tb, clip_denoised=False)
+      return d._ddim_update(pmv, x, tb, None, 0.0)  # noqa: SLF001 (the module's own step)
+
+    for k in range(timesteps):
+      i = timesteps - 1 - k
+      out, maps = fwd(x, float(d.timestep_map[i]))
+      ts.append(k / timesteps)
+      model_ts.append(float(d.timestep_map[i]))
+      per_t.append(layer_scores(maps, max_pairs=max_pairs))
+      x = ddim_step(out, x, i)
+  else:
+    grid = np.linspace(0.0, 1.0, timesteps + 1)
+    for k in range(timesteps):
+      v, maps = fwd(x, grid[k])
+      ts.append(float(grid[k]))
+      model_ts.append(float(grid[k]))
+      per_t.append(layer_scores(maps, max_pairs=max_pairs))
+      x = x + v * (grid[k + 1] - grid[k])
   layers = sorted(per_t[0], key=lambda s: int(s.split("_")[-1]))
   score = [[per_t[j][name] for j in range(len(ts))] for name in layers]
-  return {"t": ts, "layers": layers, "score": score,
+  return {"t": ts, "model_t": model_ts, "layers": layers, "score": score,
           "redundancy": [[1 - s / LN2 for s in row] for row in score],
           "mediator_blocks": list(model.mediator_blocks)}
 
@@ -158,6 +185,17 @@ def load_model(checkpoint):
   return ckpt_lib.load_params_for_sampling(ckpt)
 
 
+def _diffusion_for(checkpoint, objective, model):
+  """The GaussianDiffusion of a gaussian-objective checkpoint, or None (transport)."""
+  from edit_jax import checkpoint as ckpt_lib  # noqa: PLC0415
+  rec = ckpt_lib.load_objective(str(checkpoint))
+  objective = objective or (rec or {}).get("objective", "transport")
+  if objective != "gaussian":
+    return None
+  from edit_jax.diffusion import gaussian  # noqa: PLC0415
+  return gaussian.diffusion_from_settings((rec or {}).get("diffusion"), model.learn_sigma)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m edit_jax.eval.redundancy",
                                description="JSD redundancy of attention rows per layer and timestep")
@@ -167,6 +205,9 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--label", type=int, default=None, help="one class for every sample (default: 0..B-1)")
   ap.add_argument("--max_pairs", type=int, default=4096)
+  ap.add_argument("--objective", choices=("transport", "gaussian"), default=None,
+                  help="what the checkpoint was trained with (default: recorded in it, else "
+                       "transport)")
   cli.add_debug_flag(ap)
   args = ap.parse_args(argv)
   if args.timesteps < 1 or args.batch < 1 or args.max_pairs < 1:
@@ -178,8 +219,10 @@ def main(argv=None):
   if existing:
     raise FileExistsError(f"refusing to overwrite {existing}: choose another --out directory")
   model, params = load_model(args.checkpoint)
+  diffusion = _diffusion_for(args.checkpoint, args.objective, model)
   result = analyse(model, params, timesteps=args.timesteps, batch=args.batch,
-                   labels=args.label, max_pairs=args.max_pairs)
+                   labels=args.label, max_pairs=args.max_pairs, diffusion=diffusion)
+  result["objective"] = "transport" if diffusion is None else "gaussian"
   out.mkdir(parents=True, exist_ok=True)
   result["checkpoint"] = str(args.checkpoint)
   targets[0].write_text(json.dumps(result, indent=2))

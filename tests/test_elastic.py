@@ -616,3 +616,26 @@ def test_study_reuses_only_complete_seeds_of_the_same_settings(tmp_path):
   study.eval.num_samples -= 1
   study.train_steps += 1               # other training budget: nothing is reused
   assert elastic_study.committed_seeds(study, path) == {}
+
+
+def test_elastic_training_uses_the_runs_objective_loss():
+  """The trainer's step selector builds each n's loss with the run's objective (here DiT's
+  Gaussian diffusion): the elastic step's loss is that objective's loss of the model at n, not
+  the transport loss."""
+  from edit_jax.diffusion import gaussian  # noqa: PLC0415
+  model = tiny(4, grid=2, depth=1, learn_sigma=False)
+  p = random_params(model, 5, scale=0.1)
+  diff = gaussian.create_diffusion("", learn_sigma=False)
+  c = train.default_config()
+  c.objective = "gaussian"
+  c.elastic.mediators = "1,4"
+  sel = elastic.step_selector(c, model, diff, lambda lf: lf,
+                              loss_for=lambda m: train.make_loss_fn(c, m, diff))
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 4))
+  y = jnp.array([1, 2], jnp.int32)
+  for step in range(4):
+    (n,) = sel.mediators_at(step)
+    got, aux = sel(step)(p, x, y, jax.random.key(step))
+    want, _ = gaussian.make_loss_fn(elastic.at(model, n), diff)(p, x, y, jax.random.key(step))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert aux["t"].dtype == jnp.int32  # the Gaussian chain's integer timesteps

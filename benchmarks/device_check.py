@@ -25,6 +25,9 @@ Sections, in order (each item is recorded on its own; one failure never loses th
                images/s, TFLOP/s and MFU against the measured bf16 matmul peak.
   sample       Euler ODE, 50 grid points, CFG scale 4 (batch doubled), SiT-XL/2 and SiT-B/2 @ 256,
                full and n = 64: images/s.
+  edt          EDT-S/2 vs SiT-S/2 forward at 256 px (bf16 and fp32): EDT without AMM, with AMM in
+               the official blocks 7 and 10 as the official post-softmax product and as the
+               log_bias form (`edit_jax.models.amm`; cuDNN-eligible in bf16), beside the FLOPs.
 
 Budget. `--budget-s` (default 420 s, from process start, compiles included) is shared by the
 sections in proportion to their weights; time a section leaves unused goes to the later ones.
@@ -101,6 +104,10 @@ class Plan:
   sample_cases: tuple         # (model name, resolution, batch, mediators)
   sample_est: dict
   sample_steps: int
+  edt_cases: tuple            # (model name, resolution, batch), priority order
+  edt_est: float
+  edt_kw: dict                # overrides of every EDT (dry run: a tiny one)
+  edt_amm: str                # AMM blocks of the AMM variants
   compute_dtype: str          # of the train and sample sections
   model_kw: dict              # overrides of every SiT (dry run: a tiny one)
   mediators: int
@@ -131,7 +138,8 @@ REAL = Plan(
     sample_cases=(("SiT-XL/2", 256, 32, 0), ("SiT-XL/2", 256, 32, MEDIATORS),
                   ("SiT-B/2", 256, 64, 0), ("SiT-B/2", 256, 64, MEDIATORS)),
     sample_est={"SiT-B/2": 15.0, "SiT-XL/2": 30.0},
-    sample_steps=50, compute_dtype="bfloat16", model_kw={}, mediators=MEDIATORS, repeats=10,
+    sample_steps=50, edt_cases=(("EDT-S/2", 256, 64),), edt_est=10.0, edt_kw={},
+    edt_amm="official", compute_dtype="bfloat16", model_kw={}, mediators=MEDIATORS, repeats=10,
     timed_s=2.0)
 
 # Tiny everything, one item per code path (the dry-run test keeps CI time low): a 1-block SiT
@@ -148,7 +156,10 @@ DRY = Plan(
     model_cases=(("SiT-B/2", 64, 2),), model_dtypes=("float32",), model_est={"SiT-B/2": 1.0},
     train_cases=(("SiT-B/2", 64, 2, 0),), train_est={"SiT-B/2": 1.0},
     sample_cases=(("SiT-B/2", 64, 2, 4),), sample_est={"SiT-B/2": 1.0},
-    sample_steps=3, compute_dtype="float32",
+    sample_steps=3, edt_cases=(("EDT-S/2", 64, 2),), edt_est=1.0,
+    edt_kw=dict(stage_depths=(1, 1, 1), stage_dims=(16, 24, 16), stage_heads=(2, 2, 2),
+                num_classes=10),
+    edt_amm="1,2", compute_dtype="float32",
     model_kw=dict(depth=1, hidden_size=64, num_heads=2, num_classes=10),
     mediators=4, repeats=2, timed_s=0.0)
 
@@ -576,6 +587,35 @@ def sample_throughput(plan: Plan, name, res, batch, n, cfg_scale: float = 4.0):
           "images_per_s": sig(batch / t["median_s"]), "finite": finite}
 
 
+def section_edt(run: Runner, plan: Plan):
+  import jax.numpy as jnp  # noqa: PLC0415
+  from benchmarks.attention_speed import forward_time  # noqa: PLC0415
+  from edit_jax import flops  # noqa: PLC0415
+  for dtype in plan.model_dtypes:
+    for name, res, batch in plan.edt_cases:
+      variants = (("SiT-S/2", "full", {}), (name, "no AMM", dict(amm_layers="none")),
+                  (name, "AMM post_softmax", dict(amm_layers=plan.edt_amm)),
+                  (name, "AMM log_bias", dict(amm_layers=plan.edt_amm, amm_mode="log_bias")))
+      for model_name, variant, kw in variants:
+        def fn(model_name=model_name, variant=variant, kw=kw, dtype=dtype, res=res, batch=batch):
+          if model_name.startswith("SiT"):
+            model = flops.model_at(model_name, res, 0, dtype=jnp.dtype(dtype),
+                                   full_attention_impl=_full_impl(dtype), **plan.model_kw)
+          else:
+            model = flops.model_at(model_name, res, dtype=jnp.dtype(dtype),
+                                   full_attention_impl=_full_impl(dtype), **plan.edt_kw, **kw)
+          t = forward_time(model, batch, plan.repeats, max_time=max(plan.timed_s, 0.5))
+          g = flops.gflops(model)
+          return {"model": model_name, "variant": variant, "res": res, "batch": batch,
+                  "dtype": dtype, "amm_blocks": list(getattr(model, "amm_blocks", ())),
+                  "ms": sig(t["median_s"] * 1e3), "min_ms": sig(t["min_s"] * 1e3),
+                  "compile_s": round(t["first_s"], 1), "runs": t["runs"],
+                  "gflops_per_image": sig(g, 6),
+                  "tflops": sig(2 * g * batch / t["median_s"] / 1e3)}
+
+        run.item(f"{model_name} @{res} b{batch} {dtype} {variant}", plan.edt_est, fn)
+
+
 SECTIONS = (  # name, weight (share of the budget), function
     ("env", 1.0, section_env),
     ("peak", 3.0, section_peak),
@@ -585,6 +625,7 @@ SECTIONS = (  # name, weight (share of the budget), function
     ("model", 24.0, section_model),
     ("train", 20.0, section_train),
     ("sample", 10.0, section_sample),
+    ("edt", 6.0, section_edt),
 )
 
 
@@ -652,6 +693,10 @@ def markdown(res: dict) -> str:
             _table(_ok_results(res, "sample"), ["model", "res", "batch", "mediators", "steps",
                                                 "cfg_scale", "seconds_per_batch", "images_per_s",
                                                 "compile_s", "finite"])]
+  lines += ["## EDT-S/2 vs SiT-S/2 forward", "",
+            _table(_edt_rows(res), ["model", "variant", "res", "batch", "dtype", "ms",
+                                    "time vs SiT", "gflops_per_image", "FLOPs vs SiT",
+                                    "tflops", "compile_s"])]
   other = [{"section": s, "item": it["name"], "status": it["status"],
             "why": (it.get("reason") or it.get("error") or "; ".join(it.get("problems", [])))[:300]}
            for s, sec in res["sections"].items() for it in sec["items"]
@@ -659,6 +704,17 @@ def markdown(res: dict) -> str:
   lines += ["## Skipped, failed or errored items", "",
             _table(other, ["section", "item", "status", "why"])]
   return "\n".join(lines)
+
+
+def _edt_rows(res):
+  rows = [dict(r) for r in _ok_results(res, "edt")]
+  for r in rows:
+    sit = next((b for b in rows if b["model"].startswith("SiT") and b["dtype"] == r["dtype"]
+                and b["batch"] == r["batch"]), None)
+    if sit:
+      r["time vs SiT"] = sig(r["ms"] / sit["ms"])
+      r["FLOPs vs SiT"] = sig(r["gflops_per_image"] / sit["gflops_per_image"])
+  return rows
 
 
 def _model_rows(res):

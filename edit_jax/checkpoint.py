@@ -466,7 +466,7 @@ def load_objective(workdir_or_ckpt: str, step: int | None = None) -> dict | None
 
   Training workdirs: the run's config (``config.objective``, ``config.diffusion``); converted
   directories: model_config.json (written by ``python -m edit_jax.convert``); official files:
-  the name (``DiT-*`` -> gaussian).
+  the name (``DiT-*``, ``EDT-*`` -> gaussian).
   """
   from edit_jax import convert  # noqa: PLC0415
   p = epath.Path(workdir_or_ckpt)

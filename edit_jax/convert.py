@@ -14,8 +14,9 @@ The tensors cannot tell DiT from SiT (same network): the objective the weights w
 is an argument and is recorded with the converted checkpoint (`objective_record`), so that
 sampling picks the right sampler. DiT checkpoints (`DiT-XL-2-256x256.pt`) use
 `--objective gaussian` (DiT's 1000-step linear diffusion; the network sees integer timesteps
-0..999); SiT ones `--objective transport` (t in [0, 1]). Without the flag, a file named `DiT-*` is
-taken as gaussian and anything else as transport (the command prints which).
+0..999); SiT ones `--objective transport` (t in [0, 1]). Without the flag, a file named `DiT-*` or
+`EDT-*`, or any official EDT checkpoint (EDT trains with DiT's diffusion), is taken as gaussian and
+anything else as transport (the command prints which).
 
 Command line (writes an Orbax checkpoint that training and sampling restore):
     python -m edit_jax.convert SRC OUT_DIR [--objective transport|gaussian] [--diffusion_steps 1000]
@@ -150,8 +151,84 @@ def read_state_dict(src, use_ema: bool = True) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- inference
+def _learn_sigma(sd, in_ch: int, p: int) -> bool:
+  """Whether the final layer also outputs the learned-sigma channels (2 x in_channels)."""
+  out_ch = int(sd["final_layer.linear.weight"].shape[0]) // (p * p)
+  if out_ch not in (in_ch, 2 * in_ch):
+    raise ValueError(f"final_layer.linear has {out_ch * p * p} outputs, which fits neither "
+                     f"learn_sigma=True ({2 * in_ch * p * p}) nor False ({in_ch * p * p})")
+  return out_ch == 2 * in_ch
+
+
+def is_edt_state_dict(sd: Mapping[str, Any]) -> bool:
+  """An official EDT state_dict (xinwangChen/EDT) has DownSample `reduction` weights."""
+  return any(re.fullmatch(r"down_blocks\.\d+\.reduction\.weight", k) for k in sd)
+
+
+def infer_edt_config(sd: Mapping[str, np.ndarray], **overrides) -> dict:
+  """EDT constructor arguments inferred from an official EDT state_dict.
+
+  Per block: width from `attn.qkv.weight` (3w, w), heads and token grid from the relative-position
+  table ((2g-1)^2, heads); stages are the runs of equal grid (neighbouring stages always differ by
+  a 2x2 merge). AMM placement is not stored in checkpoints: `amm_layers` defaults to the official
+  list of the layout (pass amm_layers=... to change it).
+  """
+  need = ["x_embedder.proj.weight", "y_embedder.embedding_table.weight",
+          "final_layer.linear.weight"]
+  missing = [k for k in need if k not in sd]
+  if missing:
+    raise ValueError(f"not an official EDT state_dict: missing {missing}")
+  w = sd["x_embedder.proj.weight"]
+  d0, in_ch, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+  block_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+  if block_ids != list(range(len(block_ids))) or not block_ids:
+    raise ValueError(f"state_dict blocks are not numbered 0..n-1: {block_ids}")
+  widths, heads, grids = [], [], []
+  for i in block_ids:
+    tab = f"blocks.{i}.attn.rel_pos_bias.relative_position_bias_table"
+    if tab not in sd:
+      raise ValueError(f"{tab} missing: every official EDT block has a relative-position table")
+    rows, h = (int(v) for v in sd[tab].shape)
+    side = int(round(rows ** 0.5))
+    if side * side != rows or side % 2 == 0:
+      raise ValueError(f"{tab} has {rows} rows, not (2g-1)^2 for an integer grid g")
+    widths.append(int(sd[f"blocks.{i}.attn.qkv.weight"].shape[1]))
+    heads.append(h)
+    grids.append((side + 1) // 2)
+  depths, dims, sheads, sgrids = [], [], [], []
+  for i, g in enumerate(grids):
+    if i == 0 or g != grids[i - 1] or widths[i] != widths[i - 1] or heads[i] != heads[i - 1]:
+      depths.append(0)
+      dims.append(widths[i])
+      sheads.append(heads[i])
+      sgrids.append(g)
+    depths[-1] += 1
+  n_down = len([k for k in sd if re.fullmatch(r"down_blocks\.\d+\.reduction\.weight", k)])
+  if len(depths) != 2 * n_down + 1:
+    raise ValueError(f"found {len(depths)} stages (block grids {grids}) but {n_down} DownSample "
+                     f"modules: expected {2 * n_down + 1} stages")
+  rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
+  learn_sigma = _learn_sigma(sd, in_ch, p)
+  cfg = dict(arch="edt", input_size=sgrids[0] * p, patch_size=p, in_channels=in_ch,
+             stage_depths=tuple(depths), stage_dims=tuple(dims), stage_heads=tuple(sheads),
+             mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / widths[0],
+             num_classes=rows - 1, class_dropout_prob=0.1, learn_sigma=learn_sigma)
+  if dims[0] != d0:
+    raise ValueError(f"stage-0 width {dims[0]} differs from the patch embedding width {d0}")
+  token_enhance = "down_blocks.0.adaLN_modulation.1.weight" in sd
+  cfg["token_enhance"] = token_enhance
+  cfg.update(overrides)
+  return cfg
+
+
 def infer_config(sd: Mapping[str, np.ndarray], num_heads: int | None = None, **overrides) -> dict:
-  """SiT constructor arguments inferred from an official state_dict."""
+  """Model constructor arguments inferred from an official state_dict (SiT/DiT, or EDT with
+  "arch": "edt")."""
+  if is_edt_state_dict(sd):
+    if num_heads is not None:
+      raise ValueError("num_heads is read from an EDT checkpoint's relative-position tables; do "
+                       "not pass it")
+    return infer_edt_config(sd, **overrides)
   need = ["x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight"]
   missing = [k for k in need if k not in sd]
   if missing:
@@ -164,11 +241,7 @@ def infer_config(sd: Mapping[str, np.ndarray], num_heads: int | None = None, **o
   if block_ids != list(range(depth)):
     raise ValueError(f"state_dict blocks are not numbered 0..{depth - 1}: {block_ids}")
   rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
-  out_ch = int(sd["final_layer.linear.weight"].shape[0]) // (p * p)
-  learn_sigma = out_ch == 2 * in_ch
-  if not learn_sigma and out_ch != in_ch:
-    raise ValueError(f"final_layer.linear has {out_ch * p * p} outputs, which fits neither "
-                     f"learn_sigma=True ({2 * in_ch * p * p}) nor False ({in_ch * p * p})")
+  learn_sigma = _learn_sigma(sd, in_ch, p)
   med_blocks = [i for i in block_ids if f"blocks.{i}.attn.an_bias" in sd]
   mediator_num = int(sd[f"blocks.{med_blocks[0]}.attn.an_bias"].shape[1]) if med_blocks else 0
   elastic_grid = 0
@@ -254,15 +327,37 @@ def _unflatten(flat):
   return tree
 
 
-def state_dict_to_params(sd: Mapping[str, np.ndarray], model: models.SiT) -> dict:
-  """Converts an official state_dict for `model`; raises listing every mismatching tensor."""
+def fixed_embeddings(model) -> dict[str, np.ndarray]:
+  """The frozen sin-cos embeddings an official state_dict stores (name -> (1, N, C)); this port
+  recomputes them, the converter checks them."""
+  out = {"pos_embed": models.sincos_pos_embed(model.hidden_size, model.grid)[None]}
+  if models.arch_of(model) == "edt" and model.pos_supplement:
+    sg, dims = model.stage_grids, model.stage_dims
+    for s in range(model.num_down):
+      out[f"down_blocks.{s}.pos_embed"] = models.sincos_pos_embed(dims[s + 1], sg[s + 1])[None]
+    for j, s in enumerate(range(model.num_down + 1, model.num_stages)):
+      out[f"concat_blocks.{j}.pos_embed"] = models.sincos_pos_embed(dims[s], sg[s])[None]
+  return out
+
+
+def state_dict_to_params(sd: Mapping[str, np.ndarray], model) -> dict:
+  """Converts an official state_dict for `model` (SiT or EDT); raises listing every mismatching
+  tensor. Frozen sin-cos embeddings are not parameters here: their shapes are checked (and for
+  EDT their values, which must equal the recomputed ones to 1e-5)."""
   expected = {path: tuple(s.shape) for path, s in _flatten(models.abstract_params(model)).items()}
+  fixed = fixed_embeddings(model)
+  edt = models.arch_of(model) == "edt"
   flat, unexpected, misshaped = {}, [], []
   for name, v in sd.items():
-    if name == "pos_embed":
-      want = (1, model.num_tokens, model.hidden_size)
-      if tuple(v.shape) != want:
-        misshaped.append(f"pos_embed: checkpoint {tuple(v.shape)} vs model {want}")
+    if name in fixed or name.endswith("pos_embed"):
+      want = fixed.get(name)
+      if want is None:
+        unexpected.append(f"{name} {tuple(v.shape)}")
+      elif tuple(v.shape) != want.shape:
+        misshaped.append(f"{name}: checkpoint {tuple(v.shape)} vs model {want.shape}")
+      elif edt and np.abs(np.asarray(v, np.float32) - want).max() > 1e-5:
+        misshaped.append(f"{name}: values differ from the 2-D sin-cos embedding this port "
+                         f"recomputes (max |diff| {np.abs(np.asarray(v) - want).max():.3g})")
       continue  # recomputed, not a parameter
     path, kind = torch_to_flax_name(name)
     if path not in expected:
@@ -277,9 +372,15 @@ def state_dict_to_params(sd: Mapping[str, np.ndarray], model: models.SiT) -> dic
   missing = ["/".join(p) + f" {s}" for p, s in expected.items() if p not in flat and
              not any(m.startswith("/".join(p)) for m in misshaped)]
   if missing or unexpected or misshaped:
-    lines = [f"checkpoint does not match the model (depth={model.depth}, hidden={model.hidden_size}, "
-             f"heads={model.num_heads}, input_size={model.input_size}, patch={model.patch_size}, "
-             f"mediator_num={model.mediator_num}, mediator_blocks={list(model.mediator_blocks)}):"]
+    if edt:
+      desc = (f"EDT stage_depths={list(model.stage_depths)}, stage_dims={list(model.stage_dims)}, "
+              f"stage_heads={list(model.stage_heads)}, input_size={model.input_size}, "
+              f"patch={model.patch_size}")
+    else:
+      desc = (f"depth={model.depth}, hidden={model.hidden_size}, heads={model.num_heads}, "
+              f"input_size={model.input_size}, patch={model.patch_size}, mediator_num="
+              f"{model.mediator_num}, mediator_blocks={list(model.mediator_blocks)}")
+    lines = [f"checkpoint does not match the model ({desc}):"]
     lines += [f"  missing from checkpoint: {m}" for m in missing]
     lines += [f"  unexpected in checkpoint: {m}" for m in unexpected]
     lines += [f"  wrong shape: {m}" for m in misshaped]
@@ -287,27 +388,51 @@ def state_dict_to_params(sd: Mapping[str, np.ndarray], model: models.SiT) -> dic
   return _unflatten(flat)
 
 
-def params_to_state_dict(params, model: models.SiT | None = None) -> dict[str, np.ndarray]:
-  """Inverse of `state_dict_to_params` (plus pos_embed when `model` is given): official names."""
+class _ShapeOnly:
+  """Stand-in for an abstract leaf: supports .ndim, .T and .transpose for the name mapping."""
+
+  def __init__(self, shape, dtype):
+    self.shape, self.dtype = tuple(shape), dtype
+
+  @property
+  def ndim(self):
+    return len(self.shape)
+
+  @property
+  def T(self):  # noqa: N802
+    return jax.ShapeDtypeStruct(self.shape[::-1], self.dtype)
+
+  def transpose(self, *axes):
+    return jax.ShapeDtypeStruct(tuple(self.shape[a] for a in axes), self.dtype)
+
+
+def params_to_state_dict(params, model=None) -> dict[str, np.ndarray]:
+  """Inverse of `state_dict_to_params` (plus the fixed embeddings when `model` is given):
+  official names and torch layouts. Abstract params (ShapeDtypeStructs, e.g.
+  `models.abstract_params(model)`) give ShapeDtypeStructs of the torch shapes."""
   sd = {}
   if model is not None:
-    sd["pos_embed"] = models.sincos_pos_embed(model.hidden_size, model.grid)[None]
-  for path, v in _flatten(jax.device_get(params)).items():
-    v = np.asarray(v)
+    sd.update(fixed_embeddings(model))
+  for path, v in _flatten(params).items():
+    if isinstance(v, jax.ShapeDtypeStruct):  # abstract params: names and torch shapes only
+      v = _ShapeOnly(v.shape, v.dtype)
+    else:
+      v = np.asarray(jax.device_get(v))
     mods = []
     for m in path[:-1]:
       mm = re.fullmatch(r"(.*)_(\d+)", m)
-      if mm and mm.group(1) in ("blocks", "mlp", "adaLN_modulation"):
+      if mm and mm.group(1) in ("blocks", "mlp", "adaLN_modulation", "down_blocks", "up_blocks",
+                                "concat_blocks"):
         mods += [mm.group(1), mm.group(2)]
       else:
         mods.append(m)
     leaf = path[-1]
     if leaf == "kernel":
       sd[".".join(mods + ["weight"])] = v.T if v.ndim == 2 else v.transpose(3, 2, 0, 1)
-    elif leaf == "embedding_table":
-      sd[".".join(mods + ["embedding_table", "weight"])] = v
     else:
-      sd[".".join(mods + [leaf])] = v
+      if isinstance(v, _ShapeOnly):
+        v = jax.ShapeDtypeStruct(v.shape, v.dtype)
+      sd[".".join(mods + (["embedding_table", "weight"] if leaf == "embedding_table" else [leaf]))] = v
   return sd
 
 
@@ -363,9 +488,10 @@ OBJECTIVES = ("transport", "gaussian")
 
 
 def guess_objective(path) -> str | None:
-  """"gaussian" for official DiT file names (`DiT-*`), "transport" for `SiT-*`, else None."""
+  """"gaussian" for official DiT/EDT file names (`DiT-*`, `EDT-*`), "transport" for `SiT-*`,
+  else None."""
   name = pathlib.Path(str(path)).name.lower()
-  if name.startswith("dit"):
+  if name.startswith(("dit", "edt")):
     return "gaussian"
   if name.startswith("sit"):
     return "transport"
@@ -393,14 +519,23 @@ def objective_record(objective: str, diffusion: Mapping | None = None) -> dict:
           "diffusion": settings}
 
 
+def _record_from_args(objective: str, diffusion_steps) -> dict:
+  if diffusion_steps is not None and objective != "gaussian":
+    raise ValueError(f"--diffusion_steps applies to --objective gaussian only (this run: "
+                     f"{objective}): drop it or pass --objective gaussian")
+  return objective_record(objective, None if diffusion_steps is None
+                          else {"diffusion_steps": diffusion_steps})
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m edit_jax.convert", description=__doc__.split("\n")[0])
   ap.add_argument("src", help="official checkpoint: .pt/.pth (read without torch), .npz or "
                   ".safetensors")
   ap.add_argument("out_dir", help="output directory for the Orbax checkpoint")
   ap.add_argument("--objective", choices=OBJECTIVES, default=None,
-                  help="what the weights were trained with: gaussian (DiT) or transport (SiT); "
-                       "default: from the file name (DiT-* -> gaussian), else transport")
+                  help="what the weights were trained with: gaussian (DiT, EDT) or transport "
+                       "(SiT); default: from the file name (DiT-*/EDT-* -> gaussian), EDT "
+                       "weights -> gaussian, else transport")
   ap.add_argument("--diffusion_steps", type=int, default=None,
                   help="gaussian only: the training chain length (DiT: 1000)")
   ap.add_argument("--num_heads", type=int, default=None)
@@ -408,12 +543,9 @@ def main(argv=None):
   ap.add_argument("--overwrite", action="store_true")
   cli.add_debug_flag(ap)
   args = ap.parse_args(argv)
-  objective = args.objective or guess_objective(args.src) or "transport"
-  if args.diffusion_steps is not None and objective != "gaussian":
-    raise ValueError(f"--diffusion_steps applies to --objective gaussian only (this run: "
-                     f"{objective}): drop it or pass --objective gaussian")
-  record = objective_record(objective, None if args.diffusion_steps is None
-                            else {"diffusion_steps": args.diffusion_steps})
+  objective = args.objective or guess_objective(args.src)  # None: decided by the architecture
+  if objective is not None:
+    record = _record_from_args(objective, args.diffusion_steps)
   src = pathlib.Path(args.src)
   if not src.exists():
     raise FileNotFoundError(f"checkpoint {src} does not exist")
@@ -425,17 +557,29 @@ def main(argv=None):
                           f"or pass --overwrite")
   model, params = load_torch_checkpoint(args.src, num_heads=args.num_heads,
                                         use_ema=not args.model_only)
+  if objective is None:  # official EDT weights were trained with DiT's Gaussian diffusion
+    objective = "gaussian" if models.arch_of(model) == "edt" else "transport"
+    record = _record_from_args(objective, args.diffusion_steps)
   if objective == "gaussian" and not model.learn_sigma:
     print("note: no learned-sigma channels: the Gaussian objective samples with the fixed "
           "(large) variance")
   out = save_converted(args.out_dir, model, params, overwrite=args.overwrite,
                        extra={"source": str(args.src), **record})
-  cfg = models.model_config(model)
-  print(f"converted {args.src} -> {out}: depth={cfg['depth']} hidden={cfg['hidden_size']} "
-        f"heads={cfg['num_heads']} patch={cfg['patch_size']} input={cfg['input_size']} "
-        f"classes={cfg['num_classes']} mediator_num={cfg['mediator_num']} "
+  print(f"converted {args.src} -> {out}: {describe(model)} "
         f"params={models.count_params(params):,} objective={objective}"
-        f"{'' if args.objective else ' (from the file name; pass --objective to choose)'}")
+        f"{'' if args.objective else ' (from the file name or architecture; pass --objective to choose)'}")
+
+
+def describe(model) -> str:
+  """One line naming the architecture (SiT/DiT or EDT)."""
+  if models.arch_of(model) == "edt":
+    return (f"EDT stage_depths={list(model.stage_depths)} stage_dims={list(model.stage_dims)} "
+            f"stage_heads={list(model.stage_heads)} patch={model.patch_size} "
+            f"input={model.input_size} classes={model.num_classes} "
+            f"amm_blocks={list(model.amm_blocks)}")
+  return (f"depth={model.depth} hidden={model.hidden_size} heads={model.num_heads} "
+          f"patch={model.patch_size} input={model.input_size} classes={model.num_classes} "
+          f"mediator_num={model.mediator_num}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""FLOPs of a SiT forward pass in the papers' convention.
+"""FLOPs of a SiT or EDT forward pass in the papers' convention.
 
 Convention (DiT/SiT/Attention-Mediators papers, fvcore): one multiply-add = one FLOP, counted per
 forward pass at batch 1; the CFG batch doubling is not counted. Counted like fvcore counts the
@@ -18,6 +18,13 @@ counts elementwise ops).
     >>> from edit_jax import flops, models
     >>> round(flops.gflops(models.build_model("SiT-S/2", input_size=32)), 3)
     6.066
+
+EDT: the official `EDT.get_flops()` counts the multiply-adds of every matmul (patch embedding,
+t-MLP, every adaLN linear, qkv/proj, QK^T and AV, MLP, DownSample/UpSample/ConcatLayer linears,
+final layer) and nothing else; `gflops(model, norms=False)` is exactly that (EDT-S/2 2.667,
+EDT-B/2 10.218 GFLOPs at 256 px). The default `norms=True` adds the layer norms at 4 per element,
+the convention of the SiT numbers above, so SiT and EDT can be compared on one scale. AMM (an
+elementwise product) is not counted; its log_bias form adds one QK^T per AMM block at sampling.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ class FlopsBreakdown:
   mlp: int = 0
   norms: int = 0
   final_linear: int = 0
+  token_merge: int = 0           # EDT: DownSample / UpSample / ConcatLayer linears
 
   @property
   def total(self) -> int:
@@ -49,9 +57,11 @@ class FlopsBreakdown:
     return self.total / 1e9
 
 
-def breakdown(model: models.SiT) -> FlopsBreakdown:
-  """Analytic multiply-add count of `model` (a SiT) per forward pass at batch 1."""
+def breakdown(model) -> FlopsBreakdown:
+  """Analytic multiply-add count of `model` (a SiT or an EDT) per forward pass at batch 1."""
   model.validate()
+  if models.arch_of(model) == "edt":
+    return edt_breakdown(model)
   d, n_tok, p, c = model.hidden_size, model.num_tokens, model.patch_size, model.in_channels
   h, g = model.num_heads, model.grid
   hidden = int(d * model.mlp_ratio)
@@ -79,9 +89,44 @@ def breakdown(model: models.SiT) -> FlopsBreakdown:
   return f
 
 
-def gflops(model: models.SiT) -> float:
-  """GFLOPs (1e9 multiply-adds) per forward pass at batch 1."""
-  return breakdown(model).gflops
+def edt_breakdown(model) -> FlopsBreakdown:
+  """EDT multiply-adds per forward at batch 1 (the official `get_flops` terms, plus norms)."""
+  d0, p, c = model.hidden_size, model.patch_size, model.in_channels
+  grids, stages = model.block_grids, model.block_stages
+  f = FlopsBreakdown()
+  n0 = model.num_tokens
+  f.patch_embed = n0 * d0 * c * p * p
+  f.conditioning = 256 * d0 + d0 * d0 + d0 * 2 * d0
+  for i in range(model.depth):
+    w, h = int(model.stage_dims[stages[i]]), int(model.stage_heads[stages[i]])
+    n = grids[i] ** 2
+    f.conditioning += d0 * 6 * w
+    f.attention_linear += 4 * n * w * w
+    f.attention_core += 2 * n * n * w
+    f.mlp += 2 * n * w * int(w * model.mlp_ratio)
+    f.norms += 2 * 4 * n * w
+  sg, dims = model.stage_grids, model.stage_dims
+  for s in range(model.num_down):  # DownSample: adaLN (c -> 8 C_in), LN on 4 C_in, reduction
+    n_out, w_in, w_out = sg[s + 1] ** 2, int(dims[s]), int(dims[s + 1])
+    f.conditioning += d0 * 8 * w_in if model.token_enhance else 0
+    f.norms += 4 * n_out * 4 * w_in
+    f.token_merge += n_out * 4 * w_in * w_out
+  for s in range(model.num_down + 1, model.num_stages):  # UpSample + ConcatLayer
+    n_in, n_out, w_in, w = sg[s - 1] ** 2, sg[s] ** 2, int(dims[s - 1]), int(dims[s])
+    f.token_merge += n_in * w_in * 4 * w
+    f.conditioning += d0 * 4 * w if model.token_enhance else 0
+    f.norms += 4 * n_out * 2 * w
+    f.token_merge += n_out * 2 * w * w
+  f.norms += 4 * n0 * d0
+  f.final_linear = n0 * d0 * p * p * model.out_channels
+  return f
+
+
+def gflops(model, norms: bool = True) -> float:
+  """GFLOPs (1e9 multiply-adds) per forward pass at batch 1; norms=False drops the layer norms
+  (the official EDT `get_flops` convention)."""
+  b = breakdown(model)
+  return (b.total - (0 if norms else b.norms)) / 1e9
 
 
 def train_flops_per_example(model: models.SiT) -> float:
@@ -171,6 +216,20 @@ PUBLISHED = [
 ]
 
 
-def model_at(name: str, resolution: int, mediator_num: int = 0, **kw) -> models.SiT:
-  """A latent-space SiT for `resolution` px images (latent = resolution / 8)."""
+# Official EDT table (models_edt.py comments / README, spec/edt_dydit.md 1.2): GFLOPs at 256 px
+# (norms=False) and millions of trainable parameters. EDT-XL/2's stated 51.83 G / 708.4 M do NOT
+# belong to the released [6, 4, 4, 7, 7] layout (which is what the official code builds: 53.44 G,
+# 698.52 M; see docs/edt.md); both are listed.
+PUBLISHED_EDT = [
+    # (name, resolution, stated GFLOPs, stated M params, this port's exact GFLOPs, exact params)
+    ("EDT-S/2", 256, 2.66, 38.3, 2.667, 38_329_146),
+    ("EDT-B/2", 256, 10.20, 152.2, 10.218, 152_262_100),
+    ("EDT-XL/2", 256, 51.83, 708.4, 53.44, 698_523_098),
+]
+
+
+def model_at(name: str, resolution: int, mediator_num: int = 0, **kw):
+  """A latent-space SiT or EDT for `resolution` px images (latent = resolution / 8)."""
+  if name.startswith("EDT"):
+    return models.build_model(name, input_size=resolution // 8, **kw)
   return models.build_model(name, input_size=resolution // 8, mediator_num=mediator_num, **kw)

@@ -1,11 +1,12 @@
-"""Sample images from SiT / DiT checkpoints: command line and `sample_images(...)` for notebooks.
+"""Sample images from SiT / DiT / EDT checkpoints: command line and `sample_images(...)` for notebooks.
 
     python -m edit_jax.sample --ckpt CKPT --out DIR --num_samples 64 --batch_size 32 \\
         [--objective transport|gaussian] [--mode sde|ode|ddpm|ddim] \\
         [--method Euler|Heun|euler|heun2|dopri5] [--num_steps 250] [--eta 0.0] \\
         [--respacing ddim50] [--clip_denoised] \\
         [--cfg_scale 4.0] [--guide_channels 3|all] [--guidance_interval 0.0,0.7] \\
-        [--classes random|3,17,207|FILE] [--seed 0] [--vae PATH] [--raw_weights] [--overwrite]
+        [--classes random|3,17,207|FILE] [--seed 0] [--vae PATH] [--raw_weights] [--overwrite] \\
+        [--amm official|official_alt|none|all|7,10] [--amm_mode post_softmax|log_bias]
     # step-wise dynamic mediators: several checkpoints, fewest mediators first
     python -m edit_jax.sample --ckpt n4 --ckpt n16 --ckpt n64 --switch_ratios 0.8,0.6 \\
         --first_several 3 --distance l1 --out DIR ...
@@ -31,11 +32,18 @@ User errors (missing checkpoint, bad option, existing output) exit with status 2
 scripts (clip(127.5 x + 128)); latent models (4 channels) are decoded by the SD-VAE given with --vae
 (or $EDIT_JAX_VAE). The batch is split over all local devices (NamedSharding).
 
+--amm applies EDT's attention modulation matrix (training-free, edit_jax.models.amm) in the named
+blocks of any full-attention model (SiT, DiT, EDT; mediator blocks are never modulated): default
+"keep" uses the checkpoint's setting (EDT: its official blocks; SiT: none), "official" the EDT
+code's list for the model (EDT-S/B: 7,10; EDT-XL: 23,25; DiT/SiT-XL/2: 15,17,19,22,24; -S/2: 8,10),
+"official_alt" EDT's list for CFG >= 2 (S/B: 8; XL: 24), "none" switches it off.
+
 Objective: what the checkpoint was trained with. By default it is read from the checkpoint
-(training workdirs and converted directories record it; an official file named `DiT-*` is taken
-as gaussian); `--objective` overrides. "transport" (SiT): `--mode sde|ode`. "gaussian" (DiT's
-discrete diffusion): `--mode ddpm|ddim` on the chain `create_diffusion(str(num_steps))` (or
-`--respacing`, e.g. ddim50 or 100,50), `--eta` for DDIM, `--clip_denoised` to clip x0 to [-1, 1].
+(training workdirs and converted directories record it, `convert` records gaussian for EDT
+weights; an official file named `DiT-*` or `EDT-*` is taken as gaussian, any other unconverted
+file as transport); `--objective` overrides. "transport" (SiT): `--mode sde|ode`. "gaussian" (DiT's discrete diffusion): `--mode ddpm|ddim` on the chain
+`create_diffusion(str(num_steps))` (or `--respacing`, e.g. ddim50 or 100,50), `--eta` for DDIM,
+`--clip_denoised` to clip x0 to [-1, 1].
 
 Defaults follow the official scripts: SiT sample_ddp.py (SDE Euler-Maruyama, sigma diffusion,
 Mean last step 0.04, 250 steps) and DiT sample_ddp.py (DDPM, 250 steps, no clipping); cfg 1.0,
@@ -98,6 +106,8 @@ class SampleConfig:
   per_sample_switching: bool = True
   overwrite: bool = False
   progress: bool = True
+  amm: Optional[Any] = None             # None: as the checkpoint; "none", "official", "7,10", ...
+  amm_mode: Optional[str] = None        # None: as the checkpoint; "post_softmax" | "log_bias"
   grid_max: int = 64
 
 
@@ -258,6 +268,21 @@ def _at_mediators(model_params, mediators):
   return [(elastic.at(model, n), params) for n in mediators]
 
 
+def with_amm(model, amm=None, amm_mode=None):
+  """`model` with its AMM blocks / mode replaced (None: unchanged); validated."""
+  kw = {}
+  if amm is not None and str(amm).strip().lower() != "keep":
+    from edit_jax.models import amm as amm_lib  # noqa: PLC0415
+    kw["amm_layers"] = amm_lib.parse_layers(amm)
+  if amm_mode is not None:
+    kw["amm_mode"] = amm_mode
+  if not kw:
+    return model
+  model = model.clone(**kw)
+  model.validate()
+  return model
+
+
 def _decoder(model, cfg: SampleConfig):
   """Returns f(states (B, H, W, C)) -> uint8 (B, H', W', 3); raises before any sampling."""
   if model.in_channels in (1, 3):
@@ -343,6 +368,7 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
   mp = models_and_params if models_and_params is not None else _load_models(cfg)
   if mediators:
     mp = _at_mediators(mp[0], mediators)
+  mp = [(with_amm(m, cfg.amm, cfg.amm_mode), p) for m, p in mp]
   models_ = [m for m, _ in mp]
   params = [p for _, p in mp]
   if n_models > 1:
@@ -444,6 +470,8 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
                     if objective == "gaussian" else None),
       "cfg_scale": cfg.cfg_scale, "guide_channels": cfg.guide_channels,
       "guidance_interval": cfg.guidance_interval, "seed": cfg.seed,
+      "model_arch": getattr(model, "arch", "sit"),
+      "amm_blocks": list(getattr(model, "amm_blocks", ())), "amm_mode": model.amm_mode,
       "nfe_per_image": float(np.mean(nfes)),
       "gflops_per_forward": g_model,
       "gflops_per_image": gflops_img,
@@ -472,7 +500,7 @@ def _parse_interval(s):
 def build_parser() -> argparse.ArgumentParser:
   d = SampleConfig()
   ap = argparse.ArgumentParser(prog="python -m edit_jax.sample",
-                               description="Sample images from SiT / DiT checkpoints.")
+                               description="Sample images from SiT / DiT / EDT checkpoints.")
   ap.add_argument("--ckpt", action="append", required=True, dest="ckpts",
                   help="checkpoint (repeat for the dynamic schedule, fewest mediators first)")
   ap.add_argument("--out", required=True, help="output directory")
@@ -518,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
                   help="official batch-level switching instead of per-sample")
   ap.add_argument("--overwrite", action="store_true")
   ap.add_argument("--no_progress", action="store_true")
+  ap.add_argument("--amm", default=None,
+                  help="EDT's attention modulation matrix: keep (checkpoint's setting), none, "
+                       "official, official_alt, all, or block indices '7,10'")
+  ap.add_argument("--amm_mode", default=None, choices=("post_softmax", "log_bias"))
   cli.add_debug_flag(ap)
   return ap
 
@@ -547,7 +579,7 @@ def config_from_args(argv=None) -> SampleConfig:
       guidance_interval=_parse_interval(a.guidance_interval), labels=a.labels, seed=a.seed,
       ema=not a.raw_weights, vae=a.vae, switch_ratios=ratios, first_several=a.first_several,
       distance=a.distance, per_sample_switching=not a.batch_switching, overwrite=a.overwrite,
-      progress=not a.no_progress)
+      progress=not a.no_progress, amm=a.amm, amm_mode=a.amm_mode)
 
 
 def main(argv=None):

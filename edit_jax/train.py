@@ -75,14 +75,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # Model: a name from edit_jax.models.MODEL_NAMES; size fields left at 0 come from the name.
   c.model = ml_collections.ConfigDict(dict(
-      name="SiT-XL/2", input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
-      learn_sigma=True, mediator_num=0, mediator_layers="all", attention_impl="xla",
-      full_attention_impl="", dtype="float32", remat=False,
-      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0, elastic_grid=0))
+      arch="sit", name="SiT-XL/2", input_size=32, in_channels=4, num_classes=1000,
+      class_dropout_prob=0.1, learn_sigma=True, mediator_num=0, mediator_layers="all",
+      attention_impl="xla", full_attention_impl="", dtype="float32", remat=False,
+      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0, elastic_grid=0,
+      # arch="edt" (EDT-S/2, EDT-B/2, EDT-XL/2 or a custom layout): empty = from the name
+      stage_depths=(), stage_dims=(), stage_heads=()))
   # Elastic mediators (edit_jax.elastic; needs model.elastic_grid > 0): the mediator counts to
   # train, e.g. "4,16,64" ("" = static: model.mediator_num only); mode "uniform" (one n per step)
   # or "sandwich" (smallest + largest + num_random between, every step).
   c.elastic = ml_collections.ConfigDict(dict(mediators="", mode="uniform", num_random=1))
+  # EDT's attention modulation matrix at sampling time (any full-attention model; docs/edt.md).
+  # layers: "official" (EDT lists per size; DiT-XL/2 / -S/2 plug-in lists for SiT), "official_alt",
+  # "all", or block indices "7,10". mode: post_softmax | log_bias.
+  c.amm = ml_collections.ConfigDict(dict(enabled=False, layers="official", mode="post_softmax",
+                                         in_train=False))
+  # EDT token relation-enhanced masked training: L_full + L_masked (model.arch="edt" only).
+  # ratios: one (lo, hi) per DownSample, () = official (U(0.4, 0.5), then U(0.1, 0.2));
+  # mid_mask: auto (on for the XL layout) | on | off.
+  c.masked_training = ml_collections.ConfigDict(dict(
+      enabled=False, ratios=(), mid_mask="auto", mid_mask_block=4, mid_mask_ratio=(0.15, 0.25)))
   # Objective: "transport" (SiT's interpolants, c.transport) or "gaussian" (DiT's discrete
   # diffusion, c.diffusion = the create_diffusion flags; learned variance = model.learn_sigma).
   c.objective = "transport"
@@ -98,8 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 400_000
   c.grad_accum_steps = 1
   c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, schedule="constant",
-      warmup_steps=0, end_lr_factor=0.0, grad_clip=0.0))
+      name="adamw", learning_rate=1e-4, b1=0.9, b2=0.999, b3=0.99, eps=1e-8, weight_decay=0.0,
+      schedule="constant", warmup_steps=0, end_lr_factor=0.0, grad_clip=0.0))
+  # name="adan": EDT's optimizer (edit_jax.optim.adan, betas b1/b2/b3 in the torch convention,
+  # EDT: 0.98, 0.92, 0.99)
   c.ema_decay = 0.9999
   c.ema_warmup = False           # decay_t = min(decay, (1 + t) / (10 + t)) when True
   # Mesh: sizes for ("data", "fsdp"); one may be -1. fsdp_min_size: smaller tensors replicate.
@@ -126,11 +140,29 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def get_model(config) -> models.SiT:
-  """The SiT described by ``config.model`` (validated)."""
+_EDT_ONLY = ("stage_depths", "stage_dims", "stage_heads")
+_SIT_ONLY = ("mediator_num", "mediator_layers", "attention_impl", "hidden_size", "depth",
+             "num_heads", "elastic_grid")
+
+
+def get_model(config):
+  """The model (SiT, or EDT when ``config.model.arch == "edt"``) described by ``config.model``,
+  ``config.amm`` and ``config.masked_training`` (validated)."""
   mc = config.model.to_dict()
+  arch = mc.pop("arch", "sit") or "sit"
   name = mc.pop("name")
-  kwargs = {}
+  kwargs = _amm_kwargs(config)
+  if arch == "edt":
+    return _get_edt(config, name, mc, kwargs)
+  if arch != "sit":
+    raise ConfigError(f"model.arch={arch!r}: expected 'sit' or 'edt'")
+  if config.get("masked_training") is not None and config.masked_training.enabled:
+    raise ConfigError("masked_training.enabled needs model.arch='edt' (EDT masks inside its "
+                      "down-sampling modules; SiT has none): set --config.model.arch=edt or "
+                      "--config.masked_training.enabled=False")
+  for k in _EDT_ONLY:
+    if mc.pop(k, ()):
+      raise ConfigError(f"model.{k} is an EDT field: set --config.model.arch=edt, or leave it empty")
   for k, v in mc.items():
     if k in ("hidden_size", "depth", "num_heads", "patch_size") and not v:
       continue
@@ -145,6 +177,49 @@ def get_model(config) -> models.SiT:
     return models.build_model(name, **kwargs)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
+
+
+def _amm_kwargs(config) -> dict:
+  ac = config.get("amm")
+  if ac is None:
+    return {}
+  if not ac.enabled:
+    return {"amm_layers": "none"}
+  return {"amm_layers": ac.layers, "amm_mode": ac.mode, "amm_in_train": bool(ac.in_train)}
+
+
+def _get_edt(config, name, mc, kwargs):
+  """EDT from config.model (arch="edt"); mediator fields must stay at their defaults."""
+  if mc.get("mediator_num"):
+    raise ConfigError("model.mediator_num is a SiT option: EDT uses full attention with a "
+                      "relative-position bias in every block (set --config.model.mediator_num=0)")
+  if mc.get("elastic_grid"):
+    raise ConfigError("model.elastic_grid is a SiT mediator option: EDT has no mediators (set "
+                      "--config.model.elastic_grid=0)")
+  for k in _SIT_ONLY:
+    mc.pop(k, None)
+  for k in _EDT_ONLY + ("patch_size",):
+    if not mc.get(k):
+      mc.pop(k, None)
+  mc["full_attention_impl"] = mc.get("full_attention_impl") or None
+  mt = config.get("masked_training")
+  if mt is not None:
+    mid = str(mt.mid_mask).lower()
+    if mid not in ("auto", "on", "off", "true", "false"):
+      raise ConfigError(f"masked_training.mid_mask={mt.mid_mask!r}: expected auto, on or off")
+    mc.update(mask_ratios=tuple(tuple(r) for r in mt.ratios) if mt.ratios else None,
+              mid_mask=None if mid == "auto" else mid in ("on", "true"),
+              mid_mask_block=int(mt.mid_mask_block), mid_mask_ratio=tuple(mt.mid_mask_ratio))
+  mc.update(kwargs)
+  if not name:
+    mc["arch"] = "edt"
+  elif not str(name).startswith("EDT"):
+    raise ConfigError(f"model.name={name!r} with model.arch='edt': use EDT-S/2, EDT-B/2, "
+                      f"EDT-XL/2, or an empty name with model.stage_depths/dims/heads")
+  try:
+    return models.build_model(name or None, **mc)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.model (EDT): {e}") from e
 
 
 def get_transport(config) -> transport_lib.Transport:
@@ -176,9 +251,21 @@ def get_objective(config, model):
 
 
 def make_loss_fn(config, model, objective):
-  if config.get("objective", "transport") == "gaussian":
-    return gaussian_lib.make_loss_fn(model, objective)
-  return transport_lib.make_loss_fn(model, objective)
+  """The training loss ``loss_fn(params, x, y, rng) -> (loss, aux)`` of ``config.objective``
+  (``objective``: the ``Transport`` or ``GaussianDiffusion`` of `get_objective`), or EDT's
+  L_full + L_masked with that objective's loss for both passes when
+  ``config.masked_training.enabled`` (edit_jax.diffusion.masked; the masked pass reuses the full
+  pass's t with fresh noise)."""
+  gaussian = config.get("objective", "transport") == "gaussian"
+  lib = gaussian_lib if gaussian else transport_lib
+  mt = config.get("masked_training")
+  if mt is not None and mt.enabled:
+    from edit_jax.diffusion import masked  # noqa: PLC0415
+    # the Gaussian loss needs every output channel (learned variance) from both passes
+    kw = {"full_output": True} if gaussian else {}
+    return masked.make_masked_loss_fn(
+        model, lambda apply_fn: lib.make_loss_fn(model, objective, apply_fn=apply_fn), **kw)
+  return lib.make_loss_fn(model, objective)
 
 
 def check_config(config, model: models.SiT, example_shape, num_classes: int):
@@ -287,10 +374,21 @@ def make_schedule(oc, num_steps: int) -> Callable:
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
-  """AdamW (+ optional global-norm clipping) with the configured schedule."""
+  """AdamW or Adan (``optim.name``) (+ optional global-norm clipping) with the schedule."""
   oc = config.optim
   schedule = make_schedule(oc, config.num_train_steps)
-  tx = optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+  name = oc.get("name", "adamw")
+  if name == "adamw":
+    tx = optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+  elif name == "adan":
+    from edit_jax import optim  # noqa: PLC0415
+    try:
+      tx = optim.adan(schedule, b1=oc.b1, b2=oc.b2, b3=oc.get("b3", 0.99), eps=oc.eps,
+                      weight_decay=oc.weight_decay)
+    except ValueError as e:
+      raise ConfigError(f"config.optim: {e}") from e
+  else:
+    raise ConfigError(f"optim.name={name!r}: expected 'adamw' or 'adan'")
   if oc.grad_clip and oc.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
   return tx, schedule
@@ -574,8 +672,10 @@ def _config_json(config) -> dict:
 
 
 # Model fields that change how the model is computed, not what it is: a checkpoint resumes across
-# them (e.g. written with the XLA attention on CPU, resumed with the Pallas kernel in bfloat16).
-RUNTIME_MODEL_FIELDS = ("attention_impl", "full_attention_impl", "dtype", "remat")
+# them (e.g. written with the XLA attention on CPU, resumed with the Pallas kernel in bfloat16;
+# EDT's attention modulation matrix has no parameters, so its settings may change too).
+RUNTIME_MODEL_FIELDS = ("attention_impl", "full_attention_impl", "dtype", "remat", "amm_layers",
+                        "amm_mode", "amm_in_train", "amm_k", "amm_period_factor")
 
 
 def _flat_config(d, prefix=""):
@@ -622,7 +722,8 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
   state, _ = create_train_state(model, tx, mesh, init_rng, rules, config.fsdp_min_size)
   if config.init_from:
     src_model, src_params, desc = ckpt_lib.load_init_params(
-        config.init_from, ema=config.init_from_ema, num_heads=model.num_heads)
+        config.init_from, ema=config.init_from_ema,
+        num_heads=model.num_heads if models.arch_of(model) == "sit" else None)
     src_grid = config.init_from_grid or (src_model.grid if src_model is not None else model.grid)
     src_params, src_grid = elastic_lib.adapt_init_params(src_model, src_params, model, src_grid)
     merged, report = ckpt_lib.merge_params(state.params, src_params, src_grid=src_grid,

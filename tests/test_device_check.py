@@ -101,9 +101,15 @@ def test_dry_run_results_are_complete_and_consistent(dry_run):
   assert train["mfu_measured_peak"] == pytest.approx(want, rel=0.02)
   (sample,) = items["sample"]
   assert sample["finite"] and sample["forwards_per_image"] == 2 * (sample["steps"] - 1)
+  edt = {(r["model"], r["variant"]) for r in items["edt"]}
+  assert edt == {("SiT-S/2", "full"), ("EDT-S/2", "no AMM"), ("EDT-S/2", "AMM post_softmax"),
+                 ("EDT-S/2", "AMM log_bias")}
+  assert all(r["ms"] > 0 and r["gflops_per_image"] > 0 for r in items["edt"])
+  assert {tuple(r["amm_blocks"]) for r in items["edt"] if "AMM " in r["variant"]} == {(1, 2)}
   md = (out / "device_check.md").read_text()
   for header in ("## Environment", "## Measured peaks", "## Kernel correctness", "## Kernel timing",
-                 "## Block-size sweep", "## Model forward", "## Training step", "## Sampling"):
+                 "## Block-size sweep", "## Model forward", "## Training step", "## Sampling",
+                 "## EDT-S/2 vs SiT-S/2 forward"):
     assert header in md
   row = next(ln for ln in md.splitlines() if ln.startswith("| SiT-B/2 | 64 | 2 | float32"))
   cells = [c.strip() for c in row.strip("|").split("|")]

@@ -727,9 +727,10 @@ def make_sample_fn(model, diffusion: GaussianDiffusion, cfg: GaussianSamplerConf
 
 def make_loss_fn(model: Any, diffusion: GaussianDiffusion, *, train: bool = True,
                  apply_fn: Optional[Callable] = None):
-  """DiT's training loss: `loss_fn(params, x0, y, rng) -> (loss, aux)`.
+  """DiT's training loss: `loss_fn(params, x0, y, rng, t=None) -> (loss, aux)`.
 
-  x0 (B, H, W, C) data, y (B,) labels. `rng` is split as `k_t, k_noise, k_drop`: t ~ U{0..S-1}
+  x0 (B, H, W, C) data, y (B,) labels; t (B,) optional given chain indices (EDT's masked pass
+  reuses the full pass's t, `edit_jax.diffusion.masked`). `rng` is split as `k_t, k_noise, k_drop`: t ~ U{0..S-1}
   over the diffusion's chain (DiT trains on all 1000 steps), noise ~ N(0, I), k_drop is the
   model's "label_dropout" stream (train mode). loss: mean over the batch of terms["loss"].
   aux: {"loss_per_sample", "t" (chain index, int32), "mse", and "vb" with a learned variance}.
@@ -740,10 +741,11 @@ def make_loss_fn(model: Any, diffusion: GaussianDiffusion, *, train: bool = True
     def apply_fn(params, x, t, y, train, rngs):
       return model.apply({"params": params}, x, t, y, train=train, rngs=rngs, full_output=True)
 
-  def loss_fn(params, x0, y, rng):
+  def loss_fn(params, x0, y, rng, t=None):
     k_t, k_noise, k_drop = jax.random.split(rng, 3)
     x0 = jnp.asarray(x0, jnp.float32)
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps, dtype=jnp.int32)
+    if t is None:
+      t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps, dtype=jnp.int32)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     x_t = diffusion.q_sample(x0, t, noise)
     out = apply_fn(params, x_t, diffusion.model_timesteps(t), y, train, {"label_dropout": k_drop})

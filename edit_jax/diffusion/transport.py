@@ -251,8 +251,9 @@ def make_loss_fn(model: Any, transport: Transport, *, train: bool = True,
                  apply_fn: Optional[Callable] = None):
   """Pure training loss for the trainer.
 
-  Returns `loss_fn(params, x1, y, rng) -> (loss, aux)`:
-    x1 (B, H, W, C) float data (latents), y (B,) int labels, rng a PRNG key.
+  Returns `loss_fn(params, x1, y, rng, t=None) -> (loss, aux)`:
+    x1 (B, H, W, C) float data (latents), y (B,) int labels, rng a PRNG key, t (B,) optional
+    given times (EDT's masked pass reuses the full pass's t; see edit_jax.diffusion.masked).
     `rng` is split as `k_t, k_noise, k_drop = jax.random.split(rng, 3)`: t ~ U[t0, t1] from k_t,
     x0 ~ N(0, I) from k_noise, and k_drop is passed as the "label_dropout" rng stream of the model
     (training mode, `model.apply(..., train=True)`; with `train=False` no dropout happens).
@@ -264,10 +265,11 @@ def make_loss_fn(model: Any, transport: Transport, *, train: bool = True,
     def apply_fn(params, x, t, y, train, rngs):
       return model.apply({"params": params}, x, t, y, train=train, rngs=rngs)
 
-  def loss_fn(params, x1, y, rng):
+  def loss_fn(params, x1, y, rng, t=None):
     k_t, k_noise, k_drop = jax.random.split(rng, 3)
     x1 = jnp.asarray(x1, jnp.float32)
-    t = transport.sample_t(k_t, x1.shape[0])
+    if t is None:
+      t = transport.sample_t(k_t, x1.shape[0])
     x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
     xt, _ = transport.path.plan(_expand(t, x1), x0, x1)
     out = apply_fn(params, xt, t, y, train, {"label_dropout": k_drop})

@@ -199,23 +199,29 @@ class FullAttention(nn.Module):
   """timm `Attention(D, heads, qkv_bias=True)` via `jax.nn.dot_product_attention`.
 
   x: (B, N, D) -> (B, N, D). `implementation` is passed to dot_product_attention (None = XLA,
-  "cudnn" = cuDNN flash attention on GPU).
+  "cudnn" = cuDNN flash attention on GPU). `amm`: None, or EDT's (N, N) attention modulation
+  matrix (a numpy constant, `edit_jax.models.amm`), applied after the softmax in `amm_mode`
+  ("post_softmax" or the equivalent "log_bias" form that keeps dot_product_attention).
   """
   dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: str | None = None
+  amm_mode: str = "post_softmax"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, amm=None):
+    from edit_jax.models import amm as amm_lib  # noqa: PLC0415  (amm imports nothing from here)
     b, n, d = x.shape
     h = self.num_heads
     qkv = dense(3 * d, "qkv", ("embed", "qkv"), self.dtype)(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-    maybe_sow_attention(self, lambda: jax.nn.softmax(
-        jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (d // h) ** -0.5))
+    if amm is None:
+      o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    else:
+      o = amm_lib.amm_attention(q, k, v, amm, None, self.amm_mode, self.implementation)
+    maybe_sow_attention(self, lambda: amm_lib.attention_probs(q, k, None, amm))
     return dense(d, "proj", ("heads_merged", "embed"), self.dtype)(o.reshape(b, n, d))
 
 

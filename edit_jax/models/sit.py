@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edit_jax.models import amm as amm_lib
 from edit_jax.models import attention as attn_lib
 
 Dtype = Any
@@ -38,6 +39,9 @@ SIZES = {
 }
 MODEL_NAMES = tuple(f"SiT-{s}/{p}" for s in SIZES for p in (2, 4, 8))
 HEADS_BY_WIDTH = {d: h for (_, d, h) in SIZES.values()}
+# AMM plug-in placement of the official EDT code (other_models/*_with_amm.py), by (depth, width):
+# DiT-XL/2 blocks 15, 17, 19, 22, 24; DiT-S/2 blocks 8, 10 (spec/edt_dydit.md section 1.3).
+OFFICIAL_AMM = {(28, 1152): (15, 17, 19, 22, 24), (12, 384): (8, 10)}
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -176,6 +180,9 @@ class SiTBlock(nn.Module):
   mediator_num: int = 0
   attention_impl: str = "xla"
   full_attention_impl: Optional[str] = None
+  amm_mode: str = "post_softmax"
+  amm_k: float = 0.5
+  amm_period_factor: float = 4.0
   dtype: Dtype = jnp.float32
   elastic_grid: int = 0
 
@@ -187,16 +194,23 @@ class SiTBlock(nn.Module):
                                              elastic_grid=self.elastic_grid)
     else:
       self.attn = attn_lib.FullAttention(d, self.num_heads, dtype=self.dtype,
-                                         implementation=self.full_attention_impl)
+                                         implementation=self.full_attention_impl,
+                                         amm_mode=self.amm_mode)
     self.mlp = Mlp(int(d * self.mlp_ratio), d, dtype=self.dtype)
     self.adaLN_modulation_1 = attn_lib.dense(6 * d, "adaLN_modulation_1", ("embed", "adaln"),
                                              self.dtype, kernel_init=nn.initializers.zeros_init())
 
-  def __call__(self, x, c):
+  def __call__(self, x, c, use_amm: bool = False):
+    """use_amm (static): multiply the attention probabilities by the AMM (full attention only)."""
     x = materialize_cotangent(x)
     mod = self.adaLN_modulation_1(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    x = x + gate_msa[:, None] * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
+    h = modulate(layer_norm(x), shift_msa, scale_msa)
+    if use_amm and not self.mediator_num:
+      h = self.attn(h, amm_lib.modulation_matrix(self.grid, self.amm_k, self.amm_period_factor))
+    else:
+      h = self.attn(h)
+    x = x + gate_msa[:, None] * h
     x = x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
     return constrain(x)
 
@@ -237,6 +251,54 @@ class PatchEmbed(nn.Module):
     return x.reshape(b, gh * gw, d)
 
 
+def check_model_inputs(self, x, t, y):
+  """Host-side shape/label checks shared by the model families (skipped for traced labels)."""
+  expect = (self.input_size, self.input_size, self.in_channels)
+  if x.ndim != 4 or tuple(x.shape[1:]) != expect:
+    hint = ""
+    if x.ndim == 4 and x.shape[1] == self.in_channels and x.shape[-1] != self.in_channels:
+      hint = " The input looks NCHW: transpose it to NHWC with x.transpose(0, 2, 3, 1)."
+    raise ValueError(
+        f"{type(self).__name__} was built for inputs (B, {expect[0]}, {expect[1]}, {expect[2]}) "
+        f"(NHWC) but got {tuple(x.shape)}.{hint} To run at another resolution build the model with that "
+        f"input_size (and convert/fine-tune the position-dependent parameters).")
+  if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+    raise ValueError(f"t and y must have shape (B,) = ({x.shape[0]},); got t {t.shape}, "
+                     f"y {y.shape}")
+  try:  # host-side label check when y is concrete; skipped under jit (traced values)
+    y_np = np.asarray(y)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    y_np = None
+  if y_np is not None:
+    hi = self.num_classes if self.class_dropout_prob > 0 else self.num_classes - 1
+    if y_np.size and (y_np.min() < 0 or y_np.max() > hi):
+      raise ValueError(
+          f"labels must be in [0, {hi}] ({self.num_classes} classes"
+          f"{', plus the null class ' + str(self.num_classes) if hi == self.num_classes else ''}); "
+          f"got values in [{y_np.min()}, {y_np.max()}]")
+
+
+def batch_doubled_cfg(model, x, t, y, cfg_scale, guide_channels: Optional[int] = 3,
+                      full_output: bool = False):
+  """The official `forward_with_cfg` of DiT/SiT/EDT for any model called as
+  `model(x, t, y, full_output=...)`: the first half of x is used twice, guidance on the first
+  `guide_channels` channels (None: the in_channels epsilon channels) placed in both halves."""
+  half = x[: x.shape[0] // 2]
+  out = model(jnp.concatenate([half, half], axis=0), t, y, full_output=full_output)
+  k = model.in_channels if guide_channels is None else guide_channels
+  eps, rest = out[..., :k], out[..., k:]
+  cond, uncond = jnp.split(eps, 2, axis=0)
+  guided = uncond + cfg_scale * (cond - uncond)
+  return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+
+
+def unpatchify(h, g: int, p: int, c: int):
+  """(B, g*g, p*p*C) with index (pi*p + pj)*C + c -> (B, g*p, g*p, C) NHWC."""
+  b = h.shape[0]
+  h = h.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return h.reshape(b, g * p, g * p, c)
+
+
 def resolve_mediator_layers(depth: int, mediator_num: int, mediator_layers) -> tuple[int, ...]:
   """Indices of blocks that use mediator attention.
 
@@ -274,6 +336,11 @@ class SiT(nn.Module):
     mediator_layers: which blocks use mediators (see `resolve_mediator_layers`).
     attention_impl: "xla" (jnp reference) or "pallas" (fused kernel) for mediator layers.
     full_attention_impl: `implementation` for jax.nn.dot_product_attention (None, "xla", "cudnn").
+    amm_layers: blocks that multiply their attention probabilities by EDT's AMM at sampling time
+      (train=False; also in training with amm_in_train): None/"none" (off), "official" (the EDT
+      code's DiT plug-in list: DiT-XL/2 15,17,19,22,24; DiT-S/2 8,10), "all" (every
+      full-attention block; mediator blocks are left alone, they have no N x N attention map),
+      or block indices. amm_mode: "post_softmax" | "log_bias" (edit_jax.models.amm).
     dtype: compute dtype (params stay float32). remat: rematerialize each block in training.
     elastic_grid: 0 = the official per-n mediator bias tables; R > 0 = elastic mediators: tables
       over an R x R reference mediator grid, so the same parameters run at any `mediator_num`
@@ -293,9 +360,41 @@ class SiT(nn.Module):
   mediator_layers: Any = None
   attention_impl: str = "xla"
   full_attention_impl: Optional[str] = None
+  amm_layers: Any = None
+  amm_mode: str = "post_softmax"
+  amm_in_train: bool = False
+  amm_k: float = 0.5
+  amm_period_factor: float = 4.0
   dtype: Dtype = jnp.float32
   remat: bool = False
   elastic_grid: int = 0
+
+  arch = "sit"
+
+  @property
+  def amm_blocks(self) -> tuple[int, ...]:
+    """Blocks applying AMM at sampling time (full-attention blocks only; see `amm_layers`)."""
+    spec = amm_lib.parse_layers(self.amm_layers)
+    med = set(self.mediator_blocks)
+    if spec is None or spec == ():
+      return ()
+    if spec == "all":
+      return tuple(i for i in range(self.depth) if i not in med)
+    if isinstance(spec, str):
+      if spec != "official" or (self.depth, self.hidden_size) not in OFFICIAL_AMM:
+        raise ValueError(
+            f"amm_layers={spec!r}: the official plug-in placement exists only for DiT/SiT-XL/2 "
+            f"(15,17,19,22,24) and -S/2 (8,10); give block indices for this model (depth "
+            f"{self.depth}), e.g. amm_layers='{self.depth - 4},{self.depth - 2}'")
+      spec = OFFICIAL_AMM[(self.depth, self.hidden_size)]
+    idx = amm_lib.check_indices(spec, self.depth)
+    bad = sorted(med & set(idx))
+    if bad:
+      raise ValueError(
+          f"amm_layers names blocks {bad}, which use mediator attention: AMM modulates an N x N "
+          f"attention map that mediator attention does not have (spec/edt_dydit.md 4.7). Remove "
+          f"them, or use amm_layers='all' for every full-attention block")
+    return idx
 
   @property
   def out_channels(self) -> int:
@@ -339,6 +438,8 @@ class SiT(nn.Module):
         raise ValueError(f"elastic_grid={self.elastic_grid} needs mediators: set mediator_num to "
                          f"the count to run at (e.g. {self.elastic_grid ** 2})")
     self.mediator_blocks  # noqa: B018  (validates mediator_layers)
+    amm_lib.check_mode(self.amm_mode)
+    self.amm_blocks  # noqa: B018  (validates amm_layers)
 
   def setup(self):
     self.validate()
@@ -346,41 +447,21 @@ class SiT(nn.Module):
     self.x_embedder = PatchEmbed(d, self.patch_size, dtype=self.dtype)
     self.t_embedder = TimestepEmbedder(d, dtype=self.dtype)
     self.y_embedder = LabelEmbedder(self.num_classes, d, self.class_dropout_prob)
-    block_cls = nn.remat(SiTBlock) if self.remat else SiTBlock
+    block_cls = nn.remat(SiTBlock, static_argnums=(3,)) if self.remat else SiTBlock
     med = set(self.mediator_blocks)
     self.blocks = [
         block_cls(d, self.num_heads, self.grid, self.mlp_ratio,
                   mediator_num=self.mediator_num if i in med else 0,
                   attention_impl=self.attention_impl, full_attention_impl=self.full_attention_impl,
-                  dtype=self.dtype, elastic_grid=self.elastic_grid if i in med else 0,
-                  name=f"blocks_{i}")
+                  amm_mode=self.amm_mode, amm_k=self.amm_k,
+                  amm_period_factor=self.amm_period_factor, dtype=self.dtype,
+                  elastic_grid=self.elastic_grid if i in med else 0, name=f"blocks_{i}")
         for i in range(self.depth)
     ]
     self.final_layer = FinalLayer(d, self.patch_size, self.out_channels, dtype=self.dtype)
 
   def check_inputs(self, x, t, y):
-    expect = (self.input_size, self.input_size, self.in_channels)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expect:
-      hint = ""
-      if x.ndim == 4 and x.shape[1] == self.in_channels and x.shape[-1] != self.in_channels:
-        hint = " The input looks NCHW: transpose it to NHWC with x.transpose(0, 2, 3, 1)."
-      raise ValueError(
-          f"SiT was built for inputs (B, {expect[0]}, {expect[1]}, {expect[2]}) (NHWC) but got "
-          f"{tuple(x.shape)}.{hint} To run at another resolution build the model with that "
-          f"input_size (and convert/fine-tune the position-dependent parameters).")
-    if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-      raise ValueError(f"t and y must have shape (B,) = ({x.shape[0]},); got t {t.shape}, y {y.shape}")
-    try:  # host-side label check when y is concrete; skipped under jit (traced values)
-      y_np = np.asarray(y)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-      y_np = None
-    if y_np is not None:
-      hi = self.num_classes if self.class_dropout_prob > 0 else self.num_classes - 1
-      if y_np.size and (y_np.min() < 0 or y_np.max() > hi):
-        raise ValueError(
-            f"labels must be in [0, {hi}] ({self.num_classes} classes"
-            f"{', plus the null class ' + str(self.num_classes) if hi == self.num_classes else ''}); "
-            f"got values in [{y_np.min()}, {y_np.max()}]")
+    check_model_inputs(self, x, t, y)
 
   def __call__(self, x, t, y, train: bool = False, full_output: bool = False):
     """x (B, H, W, C) NHWC, t (B,), y (B,) int -> (B, H, W, in_channels).
@@ -394,8 +475,9 @@ class SiT(nn.Module):
     pos = jnp.asarray(sincos_pos_embed(self.hidden_size, self.grid))
     h = constrain(self.x_embedder(x.astype(self.dtype)) + pos.astype(self.dtype))
     c = (self.t_embedder(t) + self.y_embedder(y, train)).astype(self.dtype)
-    for block in self.blocks:
-      h = block(h, c)
+    amm_set = set(self.amm_blocks) if (not train or self.amm_in_train) else set()
+    for i, block in enumerate(self.blocks):
+      h = block(h, c, i in amm_set)
     h = self.final_layer(h, c)
     out = self.unpatchify(h)
     if full_output:
@@ -403,11 +485,7 @@ class SiT(nn.Module):
     return out[..., :self.in_channels].astype(jnp.float32)
 
   def unpatchify(self, h):
-    """(B, T, p*p*C) with index (pi*p + pj)*C + c -> (B, g*p, g*p, C) NHWC."""
-    b, _, _ = h.shape
-    g, p, c = self.grid, self.patch_size, self.out_channels
-    h = h.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return h.reshape(b, g * p, g * p, c)
+    return unpatchify(h, self.grid, self.patch_size, self.out_channels)
 
   def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 3,
                        full_output: bool = False):
@@ -420,15 +498,7 @@ class SiT(nn.Module):
     variance channels follow each half's own output; `guide_channels=None` then guides the
     `in_channels` epsilon channels only).
     """
-    half = x[: x.shape[0] // 2]
-    combined = jnp.concatenate([half, half], axis=0)
-    out = self(combined, t, y, full_output=full_output)
-    k = self.in_channels if guide_channels is None else guide_channels
-    eps, rest = out[..., :k], out[..., k:]
-    cond, uncond = jnp.split(eps, 2, axis=0)
-    guided = uncond + cfg_scale * (cond - uncond)
-    eps = jnp.concatenate([guided, guided], axis=0)
-    return jnp.concatenate([eps, rest], axis=-1)
+    return batch_doubled_cfg(self, x, t, y, cfg_scale, guide_channels, full_output)
 
   def cache_mediator_biases(self):
     for i in self.mediator_blocks:
@@ -461,6 +531,8 @@ def build_model(name: str = "SiT-XL/2", **overrides) -> SiT:
   unknown = set(kwargs) - fields
   if unknown:
     raise ValueError(f"unknown SiT options {sorted(unknown)}; valid: {sorted(fields)}")
+  if "amm_layers" in kwargs:
+    kwargs["amm_layers"] = amm_lib.parse_layers(kwargs["amm_layers"])
   model = SiT(**kwargs)
   model.validate()
   return model
@@ -487,6 +559,8 @@ def model_from_config(cfg: dict) -> SiT:
     cfg["dtype"] = jnp.dtype(cfg["dtype"])
   if isinstance(cfg.get("mediator_layers"), list):
     cfg["mediator_layers"] = tuple(cfg["mediator_layers"])
+  if isinstance(cfg.get("amm_layers"), list):
+    cfg["amm_layers"] = tuple(cfg["amm_layers"])
   return build_model(None, **cfg)
 
 

@@ -589,6 +589,14 @@ def markdown(payload: dict, png_rel: str | None, header: str) -> list[str]:
   if partial:
     status += (f"; seed(s) {', '.join(map(str, partial))} partly evaluated (their rows count "
                f"where present; the `seeds` column says how many seeds each figure averages)")
+    want = (["full"] + [f"static n={n}" for n in ms] + [f"elastic n={n}" for n in ms]
+            + [f"{lab} rho={tuple(r)}" for lab in ("three static", "one elastic")
+               for r in st["rho"]])
+    for sd in partial:
+      have = {r["model"] if r["kind"] == "static" else f"{r['model']} rho={tuple(r['rho'])}"
+              for r in payload["rows"] if r["seed"] == sd}
+      missing = [w for w in want if w not in have]
+      status += f"; seed {sd} still lacks: {', '.join(missing)}"
   status += (". Mean +- sample std where a figure has >= 2 seeds; a single value otherwise, and "
              "a target that needs a seed std is then 'undecided'. ")
   if len(done) < len(planned):
@@ -667,6 +675,9 @@ def markdown(payload: dict, png_rel: str | None, header: str) -> list[str]:
         f"the guided (doubled) forwards of the n each sample used.", "",
         md_table(drows, ["schedule", "rho", "seeds", "GFLOPs/image", "FDD", "accuracy",
                          "steps at n"]), ""]
+  if not s["dynamic"]:
+    L += ["No dynamic-schedule evaluations yet: they run once all three static models and the "
+          "elastic model of a seed are trained.", ""]
   L += ["Target: the one-checkpoint schedule matches the three-checkpoint schedule at equal "
         "GFLOPs (three-checkpoint FDD interpolated linearly at the elastic point's GFLOPs; "
         "'match' = difference within the larger of the two seed stds):", ""]

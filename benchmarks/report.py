@@ -19,6 +19,10 @@ present, so parts can be rerun separately):
   dynamic  the step-wise dynamic schedule (edit_jax.diffusion.dynamic, n = 4 -> 16 -> 64, L1, F = 3) over
            the final checkpoints of the three mediator models, sweeping (rho_1, rho_2), against
            the static models, same sampler and noise: quality vs GFLOPs per image.
+  elastic  the elastic-mediator study (benchmarks/elastic_study.py, settings in
+           configs/elastic_study.py or --elastic_config): full vs static n vs one elastic model
+           over several seeds, and the dynamic schedule over one elastic vs three static
+           checkpoints; ignores the quality-part flags above.
 
 Defaults are the budget settings of docs/results.md (600 training steps per model, 300 samples,
 30-point Euler ODE, checkpoints 150/300/600 scored, full attention also trained with seed 1;
@@ -46,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 PLOTS_DIR = ROOT / "docs" / "results"
-PARTS = ("flops", "speed", "quality", "dynamic", "dynamic_sde")
+PARTS = ("flops", "speed", "quality", "dynamic", "dynamic_sde", "elastic")
 MEDIATORS = (4, 16, 64)
 RHO_PAIRS = ((0.9, 0.8), (0.8, 0.6), (0.6, 0.4), (0.4, 0.2))
 
@@ -550,7 +554,22 @@ def run_dynamic(args, sde: bool = False) -> dict | None:
       "compile_seconds": compile_s, "rows": rows, "load_average": list(os.getloadavg())})
 
 
+def run_elastic(args) -> dict | None:
+  from benchmarks import elastic_study  # noqa: PLC0415
+  payload = elastic_study.run(args.elastic_config, skip_train=args.skip_train,
+                              cached_only=args.elastic_cached_only)
+  if payload is None:
+    print("elastic: no finished training runs; skipped", flush=True)
+    return None
+  return write_part("elastic", payload)
+
+
 # ----------------------------------------------------------------------------- plots
+def _plot_elastic(payload: dict, path) -> pathlib.Path:
+  from benchmarks import elastic_study  # noqa: PLC0415
+  return elastic_study.plot(payload, path)
+
+
 def _plt():
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
@@ -856,6 +875,10 @@ def build_markdown(parts: dict, plots: dict) -> str:
   o = parts.get("objectives")
   if o:
     L += objectives_section(o)
+  e = parts.get("elastic")
+  if e:
+    from benchmarks import elastic_study  # noqa: PLC0415
+    L += elastic_study.markdown(e, plots.get("elastic"), _fmt_cmd(e) + ".")
   L += discussion(parts)
   return "\n".join(L)
 
@@ -1136,7 +1159,8 @@ def render(out: pathlib.Path, results_dir=RESULTS_DIR, plots_dir=PLOTS_DIR) -> s
   """Rebuilds the Markdown and the PNGs from every report_<part>.json present."""
   parts, extra = read_parts(results_dir)
   plotters = {"flops": plot_flops, "speed": plot_speed, "quality": plot_quality,
-              "dynamic": plot_dynamic, "dynamic_sde": plot_dynamic}
+              "dynamic": plot_dynamic, "dynamic_sde": plot_dynamic,
+              "elastic": _plot_elastic}
   plots = {}
   for name, payload in parts.items():
     png = plotters[name](payload, pathlib.Path(plots_dir) / f"{name}.png")
@@ -1171,6 +1195,11 @@ def main(argv=None):
   ap.add_argument("--no_noise_check", dest="noise_check", action="store_false",
                   help="skip re-scoring the final full model on a second noise draw")
   ap.add_argument("--speed_repeats", type=int, default=5)
+  ap.add_argument("--elastic_config", default="configs/elastic_study.py",
+                  help="study settings of the elastic part: FILE[:preset]")
+  ap.add_argument("--elastic_cached_only", action="store_true",
+                  help="elastic part: render finished runs and cached evaluations only (no "
+                       "training, no sampling)")
   ap.add_argument("--refresh_floor", action="store_true",
                   help="only recompute the real-data floor of the existing quality results "
                        "(stratified held-out digits), then render")
@@ -1185,7 +1214,8 @@ def main(argv=None):
     refresh_floor(args)
   if not args.render_only:
     runners = {"flops": run_flops, "speed": run_speed, "quality": run_quality,
-               "dynamic": run_dynamic, "dynamic_sde": run_dynamic_sde}
+               "dynamic": run_dynamic, "dynamic_sde": run_dynamic_sde,
+               "elastic": run_elastic}
     for p in parts:
       print(f"== {p}", flush=True)
       runners[p](args)

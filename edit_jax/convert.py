@@ -247,6 +247,10 @@ def infer_config(sd: Mapping[str, np.ndarray], num_heads: int | None = None, **o
   learn_sigma = _learn_sigma(sd, in_ch, p)
   med_blocks = [i for i in block_ids if f"blocks.{i}.attn.an_bias" in sd]
   mediator_num = int(sd[f"blocks.{med_blocks[0]}.attn.an_bias"].shape[1]) if med_blocks else 0
+  elastic_grid = 0
+  if med_blocks and sd[f"blocks.{med_blocks[0]}.attn.an_bias"].ndim == 5:
+    # edit_jax elastic tables (h, R, R, 7, 7) (edit_jax.elastic), not an official layout
+    elastic_grid, mediator_num = mediator_num, mediator_num ** 2
   if num_heads is None and med_blocks:
     num_heads = int(sd[f"blocks.{med_blocks[0]}.attn.an_bias"].shape[0])
   if num_heads is None:
@@ -258,7 +262,7 @@ def infer_config(sd: Mapping[str, np.ndarray], num_heads: int | None = None, **o
     tokens = int(sd["pos_embed"].shape[1])
     grid = int(round(tokens ** 0.5))
   elif med_blocks:
-    grid = int(sd[f"blocks.{med_blocks[0]}.attn.ah_bias"].shape[3])
+    grid = int(sd[f"blocks.{med_blocks[0]}.attn.ah_bias"].shape[-2])
   else:
     grid = None
   cfg = dict(
@@ -266,6 +270,8 @@ def infer_config(sd: Mapping[str, np.ndarray], num_heads: int | None = None, **o
       num_classes=rows - 1, class_dropout_prob=0.1, learn_sigma=learn_sigma,
       mediator_num=mediator_num,
       mediator_layers=None if len(med_blocks) == depth else tuple(med_blocks))
+  if elastic_grid:
+    cfg["elastic_grid"] = elastic_grid
   if depth and f"blocks.{block_ids[0]}.mlp.fc1.weight" in sd:
     cfg["mlp_ratio"] = sd[f"blocks.{block_ids[0]}.mlp.fc1.weight"].shape[0] / d
   if depth:

@@ -6,7 +6,8 @@ official PyTorch model (with `TIMM_FUSED_ATTN=0` so the attention matmuls are vi
   linear / conv / matmul           in * out multiply-adds per output position
   layer_norm (no affine)           4 per element
   adaptive_avg_pool2d              1 per input element
-  upsample_bilinear2d              4 per output element
+  upsample_bilinear2d              4 per output element (elastic mediators: also the resize of
+                                   the R x R mediator axes of the bias tables to sqrt(n))
   elementwise ops, softmax, GELU,  not counted
   embedding lookups, bias adds
 
@@ -72,6 +73,9 @@ def block_flops(model: models.SiT, i: int) -> dict:
     out["mediator_extra"] = (n_tok * d            # adaptive average pooling of the queries
                              + 9 * n_tok * d      # depthwise 3x3 conv on V
                              + 2 * 4 * h * n * g * g)  # two bilinear resizes of the 7x7 tables
+    r = getattr(model, "elastic_grid", 0)
+    if r and r * r != n:  # elastic: the R x R mediator axes of the six tables resized to sqrt(n)
+      out["mediator_extra"] += 4 * (2 * h * n * 49 + 4 * h * n * g)
   else:
     out["attention_core"] = 2 * n_tok * n_tok * d
   return out

@@ -10,6 +10,9 @@
     # step-wise dynamic mediators: several checkpoints, fewest mediators first
     python -m edit_jax.sample --ckpt n4 --ckpt n16 --ckpt n64 --switch_ratios 0.8,0.6 \\
         --first_several 3 --distance l1 --out DIR ...
+    # the same with ONE elastic-mediator checkpoint (edit_jax.elastic) run at n = 4, 16, 64
+    python -m edit_jax.sample --ckpt elastic --mediators 4,16,64 --switch_ratios 0.8,0.6 ...
+    python -m edit_jax.sample --ckpt elastic --mediators 16 ...     # static sampling at n = 16
 
 CKPT: a training workdir (EMA weights of the newest step; --raw_weights for the raw ones), a
 directory written by `python -m edit_jax.convert`, or an official .pt/.npz file
@@ -97,6 +100,7 @@ class SampleConfig:
   ema: bool = True
   vae: Optional[str] = None
   switch_ratios: Sequence[float] = ()
+  mediators: Sequence[int] = ()         # elastic checkpoint: mediator counts (one per stage)
   first_several: int = 3
   distance: str = "l1"
   per_sample_switching: bool = True
@@ -251,6 +255,19 @@ def _load_models(cfg: SampleConfig):
   return out
 
 
+def _at_mediators(model_params, mediators):
+  """[(model at n, params) for n in mediators] from one elastic checkpoint (the same params)."""
+  from edit_jax import elastic  # noqa: PLC0415
+  model, params = model_params
+  if not elastic.is_elastic(model):
+    if tuple(mediators) == (getattr(model, "mediator_num", 0),):
+      return [(model, params)]
+    raise ValueError(f"--mediators {','.join(map(str, mediators))}: this checkpoint is a static "
+                     f"model with n={model.mediator_num} (not elastic); use an elastic checkpoint "
+                     f"(config.elastic / python -m edit_jax.elastic init) or one --ckpt per n")
+  return [(elastic.at(model, n), params) for n in mediators]
+
+
 def with_amm(model, amm=None, amm_mode=None):
   """`model` with its AMM blocks / mode replaced (None: unchanged); validated."""
   kw = {}
@@ -319,12 +336,23 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
                      f"devices (the batch is split across them)")
   guidance.check_guidance(cfg.cfg_scale, cfg.guide_channels, cfg.guidance_interval)
   ratios = tuple(cfg.switch_ratios)
+  mediators = tuple(int(n) for n in cfg.mediators)
   if models_and_params is None:
     if not cfg.ckpts:
       raise ValueError("no checkpoint given: pass --ckpt PATH (several for the dynamic schedule)")
-    n_models = len(cfg.ckpts)
+    n_sources = len(cfg.ckpts)
   else:
-    n_models = len(models_and_params)
+    n_sources = len(models_and_params)
+  n_models = n_sources
+  if mediators:
+    if n_sources != 1:
+      raise ValueError(f"--mediators {','.join(map(str, mediators))} selects mediator counts of ONE "
+                       f"elastic checkpoint, but {n_sources} checkpoints were given: pass a single "
+                       f"--ckpt, or drop --mediators to schedule separate checkpoints")
+    if any(b <= a for a, b in zip(mediators, mediators[1:])):
+      raise ValueError(f"--mediators {','.join(map(str, mediators))} must be strictly increasing "
+                       f"(the schedule goes from fewest to most mediators, e.g. 4,16,64)")
+    n_models = len(mediators)
   rule = None
   if n_models > 1:
     rule = dynamic.SwitchRule(ratios, cfg.first_several, cfg.distance).validate(n_models)
@@ -333,10 +361,13 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
                        "ode with --method euler/heun2")
   elif ratios:
     raise ValueError(f"--switch_ratios {list(ratios)} given with a single checkpoint: the dynamic "
-                     f"schedule needs one checkpoint per mediator count (--ckpt n4 --ckpt n16 ...)")
+                     f"schedule needs one checkpoint per mediator count (--ckpt n4 --ckpt n16 ...)"
+                     f" or one elastic checkpoint with --mediators 4,16,64")
 
   # ---- models
   mp = models_and_params if models_and_params is not None else _load_models(cfg)
+  if mediators:
+    mp = _at_mediators(mp[0], mediators)
   mp = [(with_amm(m, cfg.amm, cfg.amm_mode), p) for m, p in mp]
   models_ = [m for m, _ in mp]
   params = [p for _, p in mp]
@@ -428,6 +459,8 @@ def run(cfg: SampleConfig, models_and_params=None) -> dict:
   steady = times[1:] if len(times) > 1 else times
   summary = {
       "checkpoints": [str(c) for c in cfg.ckpts],
+      "mediators": [int(m.mediator_num) for m in models_],
+      "elastic": bool(getattr(model, "elastic_grid", 0)),
       "num_samples": cfg.num_samples, "batch_size": b, "devices": len(devices),
       "device_kind": devices[0].device_kind, "image_shape": list(images.shape[1:]),
       "sampler": dataclasses.asdict(scfg) | {"kind": scfg.kind},
@@ -503,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--seed", type=int, default=d.seed)
   ap.add_argument("--raw_weights", action="store_true", help="raw instead of EMA weights")
   ap.add_argument("--vae", default=None, help="SD-VAE weights (latent models)")
+  ap.add_argument("--mediators", default="",
+                  help="elastic checkpoint: mediator counts, e.g. 4,16,64 (schedule, fewest first)"
+                       " or 16 (static)")
   ap.add_argument("--switch_ratios", default="", help="rho_1,...,rho_{K-1} (dynamic schedule)")
   ap.add_argument("--first_several", type=int, default=d.first_several)
   ap.add_argument("--distance", default=d.distance, help="l1 (mae) or l2 (mse)")
@@ -526,8 +562,14 @@ def config_from_args(argv=None) -> SampleConfig:
   except ValueError:
     raise ValueError(f"--switch_ratios {a.switch_ratios!r}: expected comma-separated floats") \
         from None
+  try:
+    mediators = tuple(int(v) for v in a.mediators.split(",") if v.strip())
+  except ValueError:
+    raise ValueError(f"--mediators {a.mediators!r}: expected comma-separated perfect squares, "
+                     f"e.g. 4,16,64") from None
   return SampleConfig(
-      ckpts=a.ckpts, out=a.out, num_samples=a.num_samples, batch_size=a.batch_size, mode=a.mode,
+      mediators=mediators, ckpts=a.ckpts, out=a.out, num_samples=a.num_samples,
+      batch_size=a.batch_size, mode=a.mode,
       objective=a.objective, eta=a.eta, respacing=a.respacing, clip_denoised=a.clip_denoised,
       method=a.method, num_steps=a.num_steps, atol=a.atol, rtol=a.rtol,
       diffusion_form=a.diffusion_form, diffusion_norm=a.diffusion_norm,

@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from edit_jax import checkpoint as ckpt_lib
 from edit_jax import data as data_lib
+from edit_jax import elastic as elastic_lib
 from edit_jax import metrics as metrics_lib
 from edit_jax import models
 from edit_jax import sharding as sharding_lib
@@ -78,9 +79,13 @@ def default_config() -> ml_collections.ConfigDict:
       arch="sit", name="SiT-XL/2", input_size=32, in_channels=4, num_classes=1000,
       class_dropout_prob=0.1, learn_sigma=True, mediator_num=0, mediator_layers="all",
       attention_impl="xla", full_attention_impl="", dtype="float32", remat=False,
-      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0,
+      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0, elastic_grid=0,
       # arch="edt" (EDT-S/2, EDT-B/2, EDT-XL/2 or a custom layout): empty = from the name
       stage_depths=(), stage_dims=(), stage_heads=()))
+  # Elastic mediators (edit_jax.elastic; needs model.elastic_grid > 0): the mediator counts to
+  # train, e.g. "4,16,64" ("" = static: model.mediator_num only); mode "uniform" (one n per step)
+  # or "sandwich" (smallest + largest + num_random between, every step).
+  c.elastic = ml_collections.ConfigDict(dict(mediators="", mode="uniform", num_random=1))
   # EDT's attention modulation matrix at sampling time (any full-attention model; docs/edt.md).
   # layers: "official" (EDT lists per size; DiT-XL/2 / -S/2 plug-in lists for SiT), "official_alt",
   # "all", or block indices "7,10". mode: post_softmax | log_bias.
@@ -147,7 +152,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 _EDT_ONLY = ("stage_depths", "stage_dims", "stage_heads")
 _SIT_ONLY = ("mediator_num", "mediator_layers", "attention_impl", "hidden_size", "depth",
-             "num_heads")
+             "num_heads", "elastic_grid")
 
 
 def get_model(config):
@@ -221,6 +226,9 @@ def _get_edt(config, name, mc, kwargs):
   if mc.get("mediator_num"):
     raise ConfigError("model.mediator_num is a SiT option: EDT uses full attention with a "
                       "relative-position bias in every block (set --config.model.mediator_num=0)")
+  if mc.get("elastic_grid"):
+    raise ConfigError("model.elastic_grid is a SiT mediator option: EDT has no mediators (set "
+                      "--config.model.elastic_grid=0)")
   for k in _SIT_ONLY:
     mc.pop(k, None)
   for k in _EDT_ONLY + ("patch_size",):
@@ -338,6 +346,10 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
                       "linear")
   if isinstance(model, models.DyDiT):
     dydit_loss_config(config)
+  try:
+    elastic_lib.check_config(config, model)
+  except ValueError as e:
+    raise ConfigError(f"config.elastic: {e}") from e
   gaussian = config.get("objective", "transport") == "gaussian"
   method = str(config.sample.method)
   if config.sample.every > 0 and gaussian != (method.lower() in gaussian_lib.METHODS):
@@ -800,6 +812,7 @@ def _restore_or_init(config, model, tx, mesh, rules, ckpt, init_rng):
         config.init_from, ema=config.init_from_ema,
         num_heads=model.num_heads if models.arch_of(model) == "sit" else None)
     src_grid = config.init_from_grid or (src_model.grid if src_model is not None else model.grid)
+    src_params, src_grid = elastic_lib.adapt_init_params(src_model, src_params, model, src_grid)
     merged, report = ckpt_lib.merge_params(state.params, src_params, src_grid=src_grid,
                                            dst_grid=model.grid, place=ckpt_lib.place_like)
     logging.info("init_from %s: loaded %d tensors%s", desc, len(report["loaded"]),
@@ -891,12 +904,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if meta is not None and int(meta.get("data_position", start)) != start:
       logging.warning("checkpoint data_position %s != step %d; following the step",
                       meta.get("data_position"), start)
+    # One jitted step (static), or one per mediator-count tuple (elastic), picked per step; the
+    # loss of the run's objective (transport or Gaussian diffusion) for the model at each n
+    # (a DyDiT: its fine-tuning loss, which takes the step and logs extra metrics).
     loss_fn, takes_step, extra_metrics = make_loss(config, model, transport)
-    step_fn = make_train_step(loss_fn, tx, schedule, mesh, shardings,
-                              grad_accum_steps=config.grad_accum_steps,
-                              ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
-                              batch_axes=sharding_lib.BATCH, loss_takes_step=takes_step,
-                              extra_metrics=extra_metrics)
+    step_for = elastic_lib.step_selector(
+        config, model, transport,
+        lambda lf: make_train_step(
+            lf, tx, schedule, mesh, shardings, grad_accum_steps=config.grad_accum_steps,
+            ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
+            batch_axes=sharding_lib.BATCH, loss_takes_step=takes_step,
+            extra_metrics=extra_metrics),
+        loss_for=lambda m: loss_fn if m is model else make_loss(config, m, transport)[0])
     bsh = sharding_lib.batch_sharding(mesh)
     sampler = vae_state = None
     if config.sample.every > 0:
@@ -916,7 +935,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    _gflops(model), dict(mesh.shape), config.global_batch_size)
       writer.text(start, "config", "```\n" + str(config) + "\n```")
 
-    flops_per_image = 2.0 * 3.0 * _gflops(model) * 1e9
+    flops_per_image = 2.0 * 3.0 * step_for.forward_gflops() * 1e9
     peak = metrics_lib.peak_tflops_per_device(override=config.peak_tflops_per_device)
     total = int(config.num_train_steps)
     labels = sample_labels(config, pipeline.num_classes)
@@ -981,7 +1000,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       while step < total:
         batch = data_lib.to_global(next(it), bsh)
-        state, m = step_fn(state, batch, train_rng)
+        state, m = step_for(step)(state, batch, train_rng)
         acc = m if acc is None else acc.merge(m)
         step += 1
         steps_since += 1

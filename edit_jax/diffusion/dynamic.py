@@ -23,6 +23,10 @@ Differences from the official code (spec §4), all deliberate:
     is never read by `forward_with_cfg`), so d_k is measured on the conditional half.
   * One network evaluation per SDE step (the official drift evaluates the model twice).
 
+Elastic mediators (`edit_jax.elastic`): `DynamicSampler.elastic(model, params, (4, 16, 64), ...)`
+runs ONE elastic checkpoint at every stage's n; its parameters are held once, each stage adds only
+its precomputed position biases.
+
 Execution: the step loop runs on the host. At each step, the samples of stage j are gathered into a
 bucket of static size b (the smallest of `bucket_sizes` that fits; padded rows are dropped on
 scatter), advanced by stage j's model only, and scattered back; so the network FLOPs follow each
@@ -48,7 +52,8 @@ from edit_jax.diffusion.transport import Transport
 DISTANCES = ("l1", "l2")
 _DISTANCE_ALIASES = {"mae": "l1", "mse": "l2", "L1": "l1", "L2": "l2"}
 # Model fields that may differ between the models of a schedule.
-_FREE_FIELDS = ("mediator_num", "attention_impl", "full_attention_impl", "dtype", "remat")
+_FREE_FIELDS = ("mediator_num", "attention_impl", "full_attention_impl", "dtype", "remat",
+                "elastic_grid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +138,8 @@ def check_schedule_models(models_: Sequence[Any], params: Sequence[Any]):
   if len(models_) != len(params):
     raise ValueError(f"got {len(models_)} models but {len(params)} parameter sets")
   counts = [int(getattr(m, "mediator_num", 0)) for m in models_]
-  if any(c <= 0 for c in counts) or any(b <= a for a, b in zip(counts, counts[1:])):
+  if len(counts) > 1 and (any(c <= 0 for c in counts) or
+                          any(b <= a for a, b in zip(counts, counts[1:]))):
     raise ValueError(f"mediator counts must be positive and strictly increasing along the "
                      f"schedule, got {counts}: order the checkpoints from fewest to most "
                      f"mediators (e.g. 4, 16, 64)")
@@ -197,7 +203,9 @@ class DynamicSampler:
   """Per-sample step-wise dynamic mediator sampling. Construct once, call `sample` many times.
 
   Args:
-    models: K SiT modules with strictly increasing `mediator_num` (same architecture otherwise).
+    models: K SiT modules with strictly increasing `mediator_num` (same architecture otherwise);
+      K = 1 is plain fixed-step sampling of one model (full attention allowed), with the same
+      noise streams and FLOPs accounting as a schedule.
     params: their K parameter trees.
     transport, sampler: a `Transport` with a fixed-step `samplers.ODEConfig` (euler / heun2) or
       `SDEConfig`; or a `gaussian.GaussianDiffusion` with a `gaussian.GaussianSamplerConfig`
@@ -274,17 +282,39 @@ class DynamicSampler:
     axis = mesh.axis_names[0] if mesh else None
     self._batch_sharding = shard(jax.sharding.PartitionSpec(axis))
     self._repl = shard(jax.sharding.PartitionSpec())
-    self._variables = [self._prepare_variables(m, p) for m, p in zip(models, params)]
+    # Parameter trees passed more than once (an elastic checkpoint at several n) live on the
+    # device once; each stage adds only its own precomputed position biases.
+    placed: dict = {}
+    for p in params:
+      if id(p) not in placed:
+        placed[id(p)] = jax.device_put(p, self._repl) if mesh is not None else jax.device_put(p)
+    self._variables = [self._prepare_variables(m, placed[id(p)]) for m, p in zip(models, params)]
     self._compiled = [{b: self._compile(j, b) for b in sizes} for j in range(len(models))]
     self._unused_keys = self._put(jax.random.split(jax.random.key(0), self.batch_size),
                                   self._batch_sharding)
 
   # ------------------------------------------------------------------------- construction
+  @classmethod
+  def elastic(cls, model, params, mediators: Sequence[int], transport: Transport,
+              sampler: samplers.SamplerConfig, rule: SwitchRule, **kwargs) -> "DynamicSampler":
+    """The schedule over ONE elastic checkpoint (`edit_jax.elastic`): `model` (elastic_grid > 0)
+    runs at `mediators` (strictly increasing, e.g. (4, 16, 64)) with the same `params`, held once
+    in device memory; still one compiled step per n (and bucket size). kwargs: as the
+    constructor."""
+    from edit_jax import elastic  # noqa: PLC0415
+    if not elastic.is_elastic(model):
+      raise ValueError(f"DynamicSampler.elastic needs an elastic checkpoint (elastic_grid > 0); "
+                       f"this one is static (n={model.mediator_num}): pass one checkpoint per "
+                       f"mediator count to DynamicSampler instead")
+    ms = [int(n) for n in mediators]
+    return cls([elastic.at(model, n) for n in ms], [params] * len(ms), transport, sampler, rule,
+               **kwargs)
+
   def _prepare_variables(self, model, params):
-    fn = jax.jit(lambda p: samplers.sampling_variables(model, p))
-    if self.mesh is not None:
-      params = jax.device_put(params, self._repl)
-    return fn(params)
+    """{"params": params (not copied), **this stage's "mediator_cache" (biases resized once)}."""
+    fn = jax.jit(lambda p: {k: v for k, v in samplers.sampling_variables(model, p).items()
+                            if k != "params"})
+    return {"params": params, **fn(params)}
 
   def _stage_fn(self, j: int):
     model = self.models[j]

@@ -18,6 +18,16 @@ Parameter names and shapes follow the official module (torch layout noted where 
   an_bias, na_bias (h, n, 7, 7); ah_bias (1, h, n, g, 1); aw_bias (1, h, n, 1, g)
   ha_bias (1, h, g, 1, n); wa_bias (1, h, 1, g, n)
   dwc/kernel (3, 3, 1, D) (torch (D, 1, 3, 3)), dwc/bias (D,)
+
+Elastic mediators (edit_jax extension, `elastic_grid = R > 0`): the six bias tables hold a fixed
+R x R reference grid of mediator positions instead of the n axis, so one parameter set runs at any
+mediator count n (a perfect square); `tables()` resizes the R x R axes to sqrt(n) x sqrt(n) with the
+same bilinear resize (align_corners=False, no antialias) the official code applies to the token
+tables (identity when sqrt(n) = R). Shapes:
+  an_bias, na_bias (h, R, R, 7, 7); ah_bias (1, h, R, R, g, 1); aw_bias (1, h, R, R, 1, g)
+  ha_bias (1, h, g, 1, R, R); wa_bias (1, h, 1, g, R, R)
+Mediator index m = row * sqrt(n) + col of the pooled query grid (the official row-major order).
+qkv, proj and dwc do not depend on n. `elastic_grid = 0` is the official layer.
 """
 from __future__ import annotations
 
@@ -124,6 +134,37 @@ def resize_bilinear(table, size: int):
   return jax.image.resize(table, shape, method="bilinear", antialias=False)
 
 
+def resize_mediator_axes(table, axis: int, size: int):
+  """Elastic tables: resizes the R x R mediator axes (axis, axis + 1) to (size, size) with
+  `resize_bilinear` and merges them into one axis of size * size (row-major). Exact identity
+  (no resize) when size == R."""
+  if table.shape[axis] != size or table.shape[axis + 1] != size:
+    moved = jnp.moveaxis(table, (axis, axis + 1), (-2, -1))
+    table = jnp.moveaxis(resize_bilinear(moved, size), (-2, -1), (axis, axis + 1))
+  shape = table.shape[:axis] + (size * size,) + table.shape[axis + 2:]
+  return table.reshape(shape)
+
+
+# Elastic bias tables: name -> (shape builder (h, R, g) -> shape, axis of the first R axis).
+ELASTIC_TABLES = {
+    "an_bias": (lambda h, r, g: (h, r, r, 7, 7), 1),
+    "na_bias": (lambda h, r, g: (h, r, r, 7, 7), 1),
+    "ah_bias": (lambda h, r, g: (1, h, r, r, g, 1), 2),
+    "aw_bias": (lambda h, r, g: (1, h, r, r, 1, g), 2),
+    "ha_bias": (lambda h, r, g: (1, h, g, 1, r, r), 4),
+    "wa_bias": (lambda h, r, g: (1, h, 1, g, r, r), 4),
+}
+# Official (static-n) bias tables: name -> (shape builder (h, n, g) -> shape, axis of n).
+STATIC_TABLES = {
+    "an_bias": (lambda h, n, g: (h, n, 7, 7), 1),
+    "na_bias": (lambda h, n, g: (h, n, 7, 7), 1),
+    "ah_bias": (lambda h, n, g: (1, h, n, g, 1), 2),
+    "aw_bias": (lambda h, n, g: (1, h, n, 1, g), 2),
+    "ha_bias": (lambda h, n, g: (1, h, g, 1, n), 4),
+    "wa_bias": (lambda h, n, g: (1, h, 1, g, n), 4),
+}
+
+
 class DepthwiseConv3x3(nn.Module):
   """Depthwise 3x3 convolution with zero padding 1 and bias on an NHWC grid (B, g, g, C).
 
@@ -209,6 +250,8 @@ class MediatorAttention(nn.Module):
   head_dim / head_gate: as `FullAttention` (a narrowed layer has k heads: qkv (D, 3 k hd), the
   per-head bias tables and the depthwise conv over the k hd value channels, proj (k hd, D)). The
   gate multiplies each head's output (mediator output + depthwise-conv term) before proj.
+  elastic_grid: 0 = official per-n bias tables; R > 0 = elastic tables over an R x R reference
+  mediator grid (module docstring), run at `mediator_num` mediators.
   """
   dim: int
   num_heads: int
@@ -221,30 +264,39 @@ class MediatorAttention(nn.Module):
   @property
   def inner_dim(self) -> int:
     return self.num_heads * (self.head_dim or self.dim // self.num_heads)
+  elastic_grid: int = 0
 
   def setup(self):
-    h, n, g = self.num_heads, self.mediator_num, self.grid
+    h, n, g, r = self.num_heads, self.mediator_num, self.grid, self.elastic_grid
     self.pool_size = check_mediator_num(n, g * g)
     trunc = nn.initializers.truncated_normal(0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
     p = lambda name, shape: self.param(  # noqa: E731
         name, nn.with_logical_partitioning(trunc, (None,) * len(shape)), shape, jnp.float32)
-    self.an_bias = p("an_bias", (h, n, 7, 7))
-    self.na_bias = p("na_bias", (h, n, 7, 7))
-    self.ah_bias = p("ah_bias", (1, h, n, g, 1))
-    self.aw_bias = p("aw_bias", (1, h, n, 1, g))
-    self.ha_bias = p("ha_bias", (1, h, g, 1, n))
-    self.wa_bias = p("wa_bias", (1, h, 1, g, n))
+    if r:
+      self._tables = {k: p(k, make(h, r, g)) for k, (make, _) in ELASTIC_TABLES.items()}
+    else:
+      self._tables = {k: p(k, make(h, n, g)) for k, (make, _) in STATIC_TABLES.items()}
     self.qkv = dense(3 * self.inner_dim, "qkv", ("embed", "qkv"), self.dtype)
     self.proj = dense(self.dim, "proj", ("heads_merged", "embed"), self.dtype)
     self.dwc = DepthwiseConv3x3(self.inner_dim, dtype=self.dtype, name="dwc")
 
+  def tables(self) -> dict:
+    """The six bias tables in the official static-n shapes (module docstring) at `mediator_num`:
+    the parameters themselves, or for an elastic layer its R x R tables resized to sqrt(n)."""
+    if not self.elastic_grid:
+      return dict(self._tables)
+    s = self.pool_size
+    return {k: resize_mediator_axes(self._tables[k], ax, s)
+            for k, (_, ax) in ELASTIC_TABLES.items()}
+
   def biases(self):
     """Position biases (bias1 (h, n, N), bias2 (h, N, n)) in float32; depend on params only."""
     h, n, g = self.num_heads, self.mediator_num, self.grid
-    pos1 = resize_bilinear(self.an_bias, g).reshape(h, n, g * g)
-    pos1 = pos1 + (self.ah_bias + self.aw_bias).reshape(h, n, g * g)
-    pos2 = resize_bilinear(self.na_bias, g).reshape(h, n, g * g).transpose(0, 2, 1)
-    pos2 = pos2 + (self.ha_bias + self.wa_bias).reshape(h, g * g, n)
+    t = self.tables()
+    pos1 = resize_bilinear(t["an_bias"], g).reshape(h, n, g * g)
+    pos1 = pos1 + (t["ah_bias"] + t["aw_bias"]).reshape(h, n, g * g)
+    pos2 = resize_bilinear(t["na_bias"], g).reshape(h, n, g * g).transpose(0, 2, 1)
+    pos2 = pos2 + (t["ha_bias"] + t["wa_bias"]).reshape(h, g * g, n)
     return pos1, pos2
 
   def cache_biases(self):

@@ -206,6 +206,7 @@ class SiTBlock(nn.Module):
   dtype: Dtype = jnp.float32
   active_heads: int = 0
   active_hidden: int = 0
+  elastic_grid: int = 0
 
   def setup(self):
     d = self.hidden_size
@@ -213,7 +214,7 @@ class SiTBlock(nn.Module):
     if self.mediator_num:
       self.attn = attn_lib.MediatorAttention(d, heads, self.grid, self.mediator_num,
                                              dtype=self.dtype, impl=self.attention_impl,
-                                             head_dim=hd)
+                                             head_dim=hd, elastic_grid=self.elastic_grid)
     else:
       self.attn = attn_lib.FullAttention(d, heads, dtype=self.dtype,
                                          implementation=self.full_attention_impl,
@@ -364,6 +365,9 @@ class SiT(nn.Module):
       full-attention block; mediator blocks are left alone, they have no N x N attention map),
       or block indices. amm_mode: "post_softmax" | "log_bias" (edit_jax.models.amm).
     dtype: compute dtype (params stay float32). remat: rematerialize each block in training.
+    elastic_grid: 0 = the official per-n mediator bias tables; R > 0 = elastic mediators: tables
+      over an R x R reference mediator grid, so the same parameters run at any `mediator_num`
+      (`model.clone(mediator_num=n)`; see edit_jax.elastic).
   """
   input_size: int = 32
   patch_size: int = 2
@@ -386,6 +390,7 @@ class SiT(nn.Module):
   amm_period_factor: float = 4.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  elastic_grid: int = 0
 
   arch = "sit"
 
@@ -448,6 +453,13 @@ class SiT(nn.Module):
       raise ValueError(f"num_classes={self.num_classes} must be >= 1")
     if self.mediator_num:
       attn_lib.check_mediator_num(self.mediator_num, self.num_tokens)
+    if self.elastic_grid:
+      if int(self.elastic_grid) != self.elastic_grid or self.elastic_grid < 1:
+        raise ValueError(f"elastic_grid={self.elastic_grid} must be a positive int (the side R of "
+                         f"the R x R reference mediator grid) or 0 for static mediators")
+      if not self.mediator_num:
+        raise ValueError(f"elastic_grid={self.elastic_grid} needs mediators: set mediator_num to "
+                         f"the count to run at (e.g. {self.elastic_grid ** 2})")
     self.mediator_blocks  # noqa: B018  (validates mediator_layers)
     amm_lib.check_mode(self.amm_mode)
     self.amm_blocks  # noqa: B018  (validates amm_layers)
@@ -474,7 +486,8 @@ class SiT(nn.Module):
                   mediator_num=self.mediator_num if i in med else 0,
                   attention_impl=self.attention_impl, full_attention_impl=self.full_attention_impl,
                   amm_mode=self.amm_mode, amm_k=self.amm_k,
-                  amm_period_factor=self.amm_period_factor, dtype=self.dtype, name=f"blocks_{i}",
+                  amm_period_factor=self.amm_period_factor, dtype=self.dtype,
+                  elastic_grid=self.elastic_grid if i in med else 0, name=f"blocks_{i}",
                   **self.block_kwargs(i))
         for i in range(self.depth)
     ]

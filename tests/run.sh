@@ -12,5 +12,6 @@ fi
 .venv/bin/python -m pip install -q -c constraints.txt -r requirements.txt pytest pytest-xdist
 .venv/bin/python -m pip install -q --no-deps -e .
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
-# Two workers on a 2-core machine; each test file sets up its own fake CPU devices (conftest.py).
-exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@" tests
+# Three workers on a 2-core machine (the suite is compile-bound and partly waits on subprocesses,
+# so a third worker fills idle time); each test file sets up its own fake CPU devices (conftest.py).
+exec .venv/bin/python -m pytest -n 3 --dist loadfile "$@" tests

@@ -236,7 +236,10 @@ def test_dynamic_schedule_with_ddpm_equals_static_and_switches(dit_ckpts):
   assert (never.stages == 0).all() and never.nfe[0] == 12
   static = jax.jit(gaussian.make_sample_fn(ms[0], d, cfg, cfg_scale=2.0, guide_channels=None))(
       ps[0], x0, y, keys)
-  np.testing.assert_allclose(never.x, static.x, rtol=1e-5, atol=1e-5)
+  # float32 resolution at the samples' scale (|x| reaches hundreds with this untrained model):
+  # two differently compiled programs agree to a few ulps of the largest value
+  scale = float(np.abs(static.x).max())
+  np.testing.assert_allclose(never.x, static.x, rtol=1e-5, atol=4e-7 * scale)
   g = np.array([flops.gflops(m) for m in ms])
   np.testing.assert_allclose(never.gflops, g[0] * 12 * 2)
   loose = ds.sample(x0, y, keys, rule=dynamic.SwitchRule((0.999,), 1))

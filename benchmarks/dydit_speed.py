@@ -98,7 +98,8 @@ def speed_rows(base, bp, dy, dp, transport, cfg, x0, y, calib_x0, args, label):
   sp = ddy.SparseSampler(dy, dp, transport, cfg, batch_size=len(y), bucket=args.bucket, **gkw)
   frac = sp.token_activity(calib_x0, y) if dy.token_routing else None
   if frac is not None:
-    sp = sp.with_token_capacity(frac, capacity_margin=args.capacity_margin)
+    sp = sp.with_token_capacity(frac, capacity_margin=args.capacity_margin,
+                                capacity_levels=args.capacity_levels)
   setup_s = time.perf_counter() - t0
   rng = jax.random.key(0)
   res = interleaved({
@@ -205,8 +206,13 @@ def set_router_offsets(dy, params, width_offset, token_offset):
 
 
 def synthetic_study(args) -> dict:
-  base = models.build_model(args.name, input_size=args.input_size, num_classes=10,
-                            learn_sigma=False)
+  if args.name == "quickstart":  # the digits model's shape (configs/quickstart.py)
+    base = models.build_model(None, input_size=32, in_channels=1, num_classes=10, patch_size=4,
+                              hidden_size=128, depth=4, num_heads=4, mediator_num=16,
+                              learn_sigma=False)
+  else:
+    base = models.build_model(args.name, input_size=args.input_size, num_classes=10,
+                              learn_sigma=False)
   bp = random_params(base, 0)
   transport = tr.create_transport()
   cfg = samplers.ODEConfig(method=args.method, num_steps=args.num_steps)
@@ -390,7 +396,7 @@ def main(argv=None):
   ap.add_argument("--out", help="digits / synthetic: the result JSON to write")
   ap.add_argument("--base", help="digits: base SiT workdir / checkpoint")
   ap.add_argument("--dydit", action="append", default=[], help="digits: LAMBDA=WORKDIR")
-  ap.add_argument("--name", default="SiT-S/2")
+  ap.add_argument("--name", default="SiT-S/2", help="synthetic: a model name or 'quickstart'")
   ap.add_argument("--input_size", type=int, default=32)
   ap.add_argument("--targets", default="0.7,0.5")
   ap.add_argument("--method", default="heun2")
@@ -402,6 +408,8 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--bucket", type=int, default=1)
   ap.add_argument("--capacity_margin", type=float, default=0.1)
+  ap.add_argument("--capacity_levels", type=int, default=8,
+                  help="per-step token capacities in 1/L of the rows (0: one per width signature)")
   ap.add_argument("--seed", type=int, default=0)
   a = ap.parse_args(argv)
   a.targets = [float(v) for v in str(a.targets).split(",")]

@@ -6,12 +6,11 @@
 set -euo pipefail
 RUNS=${1:-runs}
 PY=${PYTHON:-python}
-[ -d "$RUNS/quickstart/checkpoints" ] || \
-  $PY -m edit_jax.main --config=configs/quickstart.py --workdir="$RUNS/quickstart" --config.max_train_seconds=0
+# both trainings resume where they stopped and only report when already finished
+$PY -m edit_jax.main --config=configs/quickstart.py --workdir="$RUNS/quickstart"
 for LAM in 0.7 0.5; do
-  [ -d "$RUNS/dydit_quickstart_$LAM/checkpoints/400" ] || \
-    $PY -m edit_jax.main --config=configs/dydit_quickstart.py:$LAM --config.init_from="$RUNS/quickstart" \
-      --workdir="$RUNS/dydit_quickstart_$LAM"
+  $PY -m edit_jax.main --config=configs/dydit_quickstart.py:$LAM --config.init_from="$RUNS/quickstart" \
+    --workdir="$RUNS/dydit_quickstart_$LAM"
 done
 $PY benchmarks/dydit_speed.py digits --base "$RUNS/quickstart" \
   --dydit 0.7="$RUNS/dydit_quickstart_0.7" --dydit 0.5="$RUNS/dydit_quickstart_0.5" \

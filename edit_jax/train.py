@@ -138,6 +138,7 @@ def default_config() -> ml_collections.ConfigDict:
       width_routing=True, token_routing=True,
       target_ratio=0.5, flops_weight=2.0, target_hold_steps=100, target_warmup_steps=1000,
       complete_model_steps=0, t_bins=4,
+      gate_noise_decay_start=0, gate_noise_decay_steps=0,  # 0: official (noise scale 1 always)
       router_lr_mult=1.0,  # routers' lr = this x the backbone's (1 = official); short runs: > 1
       reorder=False))  # magnitude-reorder heads / MLP groups of init_from weights (spec 4.4)
   c.init_from = ""               # workdir / converted dir / .pt / .npz to initialize params from
@@ -207,7 +208,9 @@ def dydit_loss_config(config):
         target_ratio=float(dc.target_ratio), flops_weight=float(dc.flops_weight),
         target_hold_steps=int(dc.target_hold_steps),
         target_warmup_steps=int(dc.target_warmup_steps),
-        complete_model_steps=int(dc.complete_model_steps), t_bins=int(dc.t_bins)).validate()
+        complete_model_steps=int(dc.complete_model_steps), t_bins=int(dc.t_bins),
+        gate_noise_decay_start=int(dc.get("gate_noise_decay_start", 0)),
+        gate_noise_decay_steps=int(dc.get("gate_noise_decay_steps", 0))).validate()
   except ValueError as e:
     raise ConfigError(f"config.dydit: {e}") from e
 

@@ -162,6 +162,36 @@ def test_training_gates_use_the_gumbel_stream():
   np.testing.assert_array_equal(np.asarray(a["head"][..., 0]), 1.0)  # unit 0 forced on
 
 
+def test_gate_noise_zero_gives_the_evaluation_masks():
+  """gate_noise = 0 (the end of `gate_noise_decay_*`): the training gates are the evaluation
+  masks (whatever the Gumbel key) and keep the straight-through gradient; noise 1 differs."""
+  dy = dydit.from_sit(base_model())
+  p = noisy(models.init_params(dy, KEY), 0.05)
+  p = jax.tree_util.tree_map_with_path(
+      lambda path, a: a * 0 + 0.3 if "bias" in jax.tree_util.keystr(path) and (
+          "router" in jax.tree_util.keystr(path) or "mlp_head_2" in jax.tree_util.keystr(path))
+      else a, p)
+  x, t, y = inputs(dy)
+  ev = dydit.forward_with_gates(dy, {"params": p}, x, t, y)[1]
+
+  def run(seed, noise):
+    rngs = {"gumbel": jax.random.key(seed), "label_dropout": jax.random.key(0)}
+    return jax.jit(lambda v: dydit.forward_with_gates(dy, v, x, t, y, train=True, rngs=rngs,
+                                                      gate_noise=noise))({"params": p})[1]
+
+  for seed in (1, 2):
+    g = run(seed, jnp.float32(0.0))
+    for k in ("head", "group", "token"):
+      np.testing.assert_array_equal(np.asarray(g[k]), np.asarray(ev[k]))
+  noisy_gates = run(1, 1.0)
+  assert any(bool(jnp.any(noisy_gates[k] != ev[k])) for k in ("head", "group", "token"))
+  lg = jnp.array([-2.0, 0.5, 3.0])
+  grad = jax.grad(lambda z: dydit.gumbel_sigmoid_gate(z, train=True, rng=KEY,
+                                                      noise_scale=0.0).sum())(lg)
+  s = jax.nn.sigmoid(lg / 5.0)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(s * (1 - s) / 5.0), rtol=1e-5)
+
+
 @pytest.mark.parametrize("mediator_num", [0, 4])
 def test_magnitude_reordering_preserves_the_function(mediator_num):
   dy = dydit.from_sit(base_model(mediator_num, hidden_size=64, num_heads=4))

@@ -95,6 +95,39 @@ def test_token_capacity_from_calibration(euler_cfg):
   np.testing.assert_allclose(np.asarray(tight.sample(x0, y).x), want, atol=2e-5, rtol=0)
 
 
+def test_per_step_token_capacities(euler_cfg):
+  """capacity_levels > 0: each step gets the capacity of its own calibrated fraction (rounded up
+  to rows / L), never below it, so no calibrated step overflows; tighter than one capacity per
+  width signature (fewer executed FLOPs), and the samples stay the dense-masked ones."""
+  m, p, x0, y, cfg, sp, want = euler_cfg
+  frac = sp.token_activity(x0, y)
+  # a width run whose first step is busy and the others quiet: one capacity per signature must
+  # cover the busy step (here: stays dense), per-step capacities shrink the quiet ones
+  run = max(sp.plan.runs, key=lambda r: r.stop - r.start)
+  assert run.stop - run.start >= 2
+  frac = frac.copy()
+  frac[run.start:run.stop] = 0.3
+  frac[run.start] = 0.95
+  per_sig = sp.with_token_capacity(frac)
+  per_step = sp.with_token_capacity(frac, capacity_levels=4)
+  def caps(sp):  # (steps, evals, layers) capacity in rows (rows = dense)
+    out = np.full(frac.shape, sp.rows)
+    for run in sp.plan.runs:
+      for e, ev in enumerate(sp.plan.signatures[run.sig][1]):
+        for l, (_, _, cap) in enumerate(ev):
+          out[run.start:run.stop, e, l] = cap or sp.rows
+    return out
+
+  c_step, c_sig = caps(per_step), caps(per_sig)
+  assert (c_step >= frac * per_step.rows).all()   # no calibrated step overflows
+  assert (c_step <= c_sig).all() and (c_step < c_sig).any()
+  assert len(per_step.plan.runs) > len(per_sig.plan.runs)
+  assert per_step.gflops()[2] < per_sig.gflops()[2]
+  np.testing.assert_allclose(np.asarray(per_step.sample(x0, y).x), want, atol=2e-5, rtol=0)
+  with pytest.raises(ValueError, match="capacity_levels"):
+    sp.with_token_capacity(frac, capacity_levels=-1)
+
+
 def test_no_compilation_inside_the_sampling_loop(euler_cfg):
   """Everything compiles in the constructor: the FIRST sample() call traces and compiles nothing
   (a fresh sampler at a batch size no other test uses, so no earlier call warmed anything up)."""

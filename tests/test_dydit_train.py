@@ -26,6 +26,17 @@ def test_flops_target_schedule_is_the_official_one():
       pytest.approx(0.7)
 
 
+def test_gate_noise_decay_schedule():
+  off = ddy.LossConfig()
+  assert float(ddy.gate_noise_scale(10**6, off)) == 1.0  # official: the noise never decays
+  cfg = ddy.LossConfig(gate_noise_decay_start=100, gate_noise_decay_steps=200)
+  steps = np.array([0, 100, 150, 200, 300, 301, 1000])
+  got = np.asarray(jax.vmap(lambda s: ddy.gate_noise_scale(s, cfg))(steps))
+  np.testing.assert_allclose(got, [1, 1, 0.75, 0.5, 0, 0, 0], atol=1e-7)
+  with pytest.raises(ValueError, match="gate_noise_decay_steps"):
+    ddy.LossConfig(gate_noise_decay_steps=-1).validate()
+
+
 def test_stratified_t_bins():
   t = np.asarray(ddy.stratified_t(jax.random.key(0), 4000, 0.0, 1.0, 4))
   bins = np.arange(4000) % 4

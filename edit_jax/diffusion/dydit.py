@@ -58,6 +58,12 @@ class LossConfig:
   target_warmup_steps: int = 1000
   complete_model_steps: int = 0
   t_bins: int = 4
+  # Not in the official recipe (0 = off: noise scale 1 throughout): from gate_noise_decay_start
+  # the logistic noise of the training gates shrinks linearly to 0 over gate_noise_decay_steps,
+  # so the hard gates the FLOPs loss sees at the end are the evaluation gates (short runs whose
+  # logits still sit near 0 otherwise reach the target only through the noise).
+  gate_noise_decay_start: int = 0
+  gate_noise_decay_steps: int = 0
 
   def validate(self) -> "LossConfig":
     if not 0 < self.target_ratio <= 1:
@@ -65,7 +71,8 @@ class LossConfig:
                        f"to keep, e.g. 0.5 or 0.7)")
     if self.flops_weight < 0:
       raise ValueError(f"flops_weight={self.flops_weight} must be >= 0 (official: 2.0)")
-    for k in ("target_hold_steps", "target_warmup_steps", "complete_model_steps", "t_bins"):
+    for k in ("target_hold_steps", "target_warmup_steps", "complete_model_steps", "t_bins",
+              "gate_noise_decay_start", "gate_noise_decay_steps"):
       if int(getattr(self, k)) != getattr(self, k) or getattr(self, k) < 0:
         raise ValueError(f"{k}={getattr(self, k)} must be an int >= 0")
     return self
@@ -82,6 +89,15 @@ def flops_target(step, cfg: LossConfig):
   return jnp.where(s < cfg.target_hold_steps, jnp.float32(1.0), tgt)
 
 
+def gate_noise_scale(step, cfg: LossConfig):
+  """Scale of the training gates' logistic noise at a step (traced int ok): 1 before
+  gate_noise_decay_start, then linear to 0 over gate_noise_decay_steps (always 1 when 0)."""
+  if cfg.gate_noise_decay_steps <= 0:
+    return jnp.float32(1.0)
+  s = jnp.asarray(step, jnp.float32) - cfg.gate_noise_decay_start
+  return jnp.clip(1.0 - s / cfg.gate_noise_decay_steps, 0.0, 1.0).astype(jnp.float32)
+
+
 def stratified_t(rng, batch: int, t0: float, t1: float, bins: int = 4):
   """(B,) times: sample b uniform in bin (b mod bins) of [t0, t1] (bins <= 1: uniform)."""
   u = jax.random.uniform(rng, (batch,), jnp.float32)
@@ -96,9 +112,10 @@ def _dydit_loss(model, cfg: LossConfig, params, x_in, t_model, y, step, k_drop, 
   """The objective-independent part: dynamic forward -> per-sample loss (per_sample(out)), the
   complete-model phase (same x_t, t, dropped labels; `lax.cond` on the step) and the FLOPs loss.
   Returns (loss, per-sample loss (B,), flops ratio (B,), log dict)."""
+  noise = gate_noise_scale(step, cfg)
   out, gates = dydit_lib.forward_with_gates(
       model, {"params": params}, x_in, t_model, y, train=True, full_output=full_output,
-      rngs={"label_dropout": k_drop, "gumbel": k_gumbel})
+      rngs={"label_dropout": k_drop, "gumbel": k_gumbel}, gate_noise=noise)
   per = per_sample(out.astype(jnp.float32))
   diffusion = per.mean()
   ratio = dydit_lib.flops_ratio(model, gates)
@@ -113,7 +130,7 @@ def _dydit_loss(model, cfg: LossConfig, params, x_in, t_model, y, step, k_drop, 
     complete = jax.lax.cond(jnp.asarray(step) < cfg.complete_model_steps, complete_loss,
                             lambda _: jnp.float32(0.0), None)
   log = {"diffusion_loss": diffusion, "complete_loss": complete, "flops_loss": lf,
-         "flops_ratio": ratio.mean(), "flops_target": target}
+         "flops_ratio": ratio.mean(), "flops_target": target, "gate_noise": noise}
   return diffusion + complete + lf, per, ratio, log
 
 
@@ -176,7 +193,8 @@ def make_gaussian_loss_fn(model: dydit_lib.DyDiT, diffusion, cfg: LossConfig):
   return loss_fn
 
 
-LOG_KEYS = ("diffusion_loss", "complete_loss", "flops_loss", "flops_ratio", "flops_target")
+LOG_KEYS = ("diffusion_loss", "complete_loss", "flops_loss", "flops_ratio", "flops_target",
+            "gate_noise")
 
 
 # --------------------------------------------------------------------------- plans
@@ -249,6 +267,10 @@ class SparseSampler:
       fractions (S', E, L) from `token_activity`; capacities = ceil(max fraction over the steps of
       a width signature x (1 + capacity_margin) x rows / capacity_multiple) x capacity_multiple;
       a layer whose capacity saves less than `min_token_saving` of its rows stays dense.
+    capacity_levels: 0 (default): one capacity per width signature (the worst step of it);
+      L > 0: per step, the smaller of that and the step's own fraction (with the margin) rounded
+      up to a multiple of rows / L (a few more capacities per layer; consecutive steps with equal
+      capacities share a run: more compiled signatures for tighter capacities).
   Everything is validated, planned and compiled in the constructor; `compile_count` is the number
   of compiled segment functions (= `plan.num_signatures`).
   """
@@ -258,7 +280,8 @@ class SparseSampler:
                guide_channels: Optional[int] = 3, guidance_interval=None,
                null_class: Optional[int] = None, bucket: int = 1, token_fraction=None,
                capacity_margin: float = 0.1, capacity_multiple: int = 8,
-               min_token_saving: float = 0.1, _cache: Optional[dict] = None):
+               min_token_saving: float = 0.1, capacity_levels: int = 0,
+               _cache: Optional[dict] = None):
     if not isinstance(model, dydit_lib.DyDiT) or model.segment is not None:
       raise ValueError("SparseSampler needs a dense DyDiT model (edit_jax.models.dydit.DyDiT)")
     if not model.width_routing:
@@ -276,6 +299,9 @@ class SparseSampler:
       raise ValueError(f"batch_size={batch_size} must be a positive int")
     if int(bucket) != bucket or bucket < 1:
       raise ValueError(f"bucket={bucket} must be an int >= 1")
+    if int(capacity_levels) != capacity_levels or capacity_levels < 0:
+      raise ValueError(f"capacity_levels={capacity_levels} must be an int >= 0 (0: one capacity "
+                       f"per width signature; e.g. 8: per-step capacities in eighths of the rows)")
     if self.gaussian:
       from edit_jax.diffusion import gaussian  # noqa: PLC0415
       gaussian.check_guidance(cfg_scale, guide_channels, guidance_interval)
@@ -302,6 +328,7 @@ class SparseSampler:
     self.bucket = int(bucket)
     self.capacity_margin, self.capacity_multiple = float(capacity_margin), int(capacity_multiple)
     self.min_token_saving = float(min_token_saving)
+    self.capacity_levels = int(capacity_levels)
     self.evals = self.program.evals_per_step
     self.rows = self.batch_size * model.num_tokens * (2 if self.use_cfg else 1)
     self.params = params
@@ -339,7 +366,7 @@ class SparseSampler:
     group = np.asarray(group).reshape(s_, e_, m.depth, m.num_heads)
     margin = float(min(np.abs(np.asarray(la)).min(), np.abs(np.asarray(lm)).min()))
     n_steps = self.program.num_steps
-    caps = self._capacities(head, group)
+    step_caps = self._step_capacities(head, group)
     signatures, runs, index = [], [], {}
     k = 0
     while k < s_:
@@ -348,7 +375,7 @@ class SparseSampler:
       stop = k + 1
       if kind == "step":
         while stop < n_steps and np.array_equal(head[stop], head[k]) and \
-            np.array_equal(group[stop], group[k]):
+            np.array_equal(group[stop], group[k]) and step_caps[stop] == step_caps[k]:
           stop += 1
       hsel = [[unit_selection(head[k, e, l], self.bucket) for l in range(m.depth)]
               for e in range(ne)]
@@ -356,7 +383,7 @@ class SparseSampler:
               for e in range(ne)]
       widths = tuple(tuple((hsel[e][l][0].size, gsel[e][l][0].size) for l in range(m.depth))
                      for e in range(ne))
-      key = (kind, tuple(tuple(w + (caps.get(widths, {}).get((e, l), 0),)
+      key = (kind, tuple(tuple(w + (step_caps[k].get((e, l), 0),)
                                for l, w in enumerate(widths[e])) for e in range(ne)))
       if key not in index:
         index[key] = len(signatures)
@@ -369,34 +396,73 @@ class SparseSampler:
       k = stop
     return SparsePlan(head, group, margin, signatures, runs)
 
+  def _cap(self, fraction: float, quantum: int) -> int:
+    """Rows for an active-token fraction (margin, rounded up to `quantum`); 0 = stay dense."""
+    cap = int(-(-np.ceil(fraction * (1 + self.capacity_margin) * self.rows) // quantum) * quantum)
+    cap = max(cap, quantum)
+    return cap if cap <= (1 - self.min_token_saving) * self.rows else 0
+
+  def _step_capacities(self, head, group) -> list:
+    """Per step k: {(eval, layer): capacity} (absent = dense), from the calibrated fractions:
+    the worst step of the width signature (capacity_levels 0) or the step's own (levels > 0)."""
+    s_ = head.shape[0]
+    if self.token_fraction is None:
+      return [{} for _ in range(s_)]
+    caps = self._capacities(head, group)
+    per_sig = [caps[w] for w in self._widths(head, group)]
+    if not self.capacity_levels:
+      return per_sig
+    mult = self.capacity_multiple
+    quantum = max(mult, int(-(-self.rows // (self.capacity_levels * mult)) * mult))
+    out = []
+    for k, sig_caps in enumerate(per_sig):
+      c = {}
+      for e in range(1 if k >= self.program.num_steps else head.shape[1]):
+        for l in range(self.model.depth):
+          # the step's own need on the coarse grid, never above the signature's capacity
+          own = self._cap(self.token_fraction[k, e, l], quantum) or self.rows
+          cap = min(own, sig_caps.get((e, l), self.rows))
+          if cap < self.rows:
+            c[(e, l)] = cap
+      out.append(c)
+    return out
+
+  def _widths(self, head, group) -> list:
+    """Per step: the bucketed (heads, groups) per eval and layer (the width signature)."""
+    m = self.model
+    n_steps = self.program.num_steps
+    return [tuple(tuple((_bucket(int(head[k, e, l].sum()), self.bucket, m.num_heads),
+                         _bucket(int(group[k, e, l].sum()), self.bucket, m.num_heads))
+                        for l in range(m.depth))
+                  for e in range(1 if k >= n_steps else head.shape[1]))
+            for k in range(head.shape[0])]
+
+  def _check_fraction_shape(self, head):
+    m = self.model
+    s_, e_ = head.shape[:2]
+    if self.token_fraction.shape != (s_, e_, m.depth):
+      raise ValueError(f"token_fraction has shape {self.token_fraction.shape}; this sampler needs "
+                       f"(steps {s_}, evals {e_}, layers {m.depth}) (from token_activity)")
+
   def _capacities(self, head, group) -> dict:
     """{width signature: {(eval, layer): capacity}} from the calibrated token fractions."""
     if self.token_fraction is None:
       return {}
     m = self.model
     fr = self.token_fraction
-    s_, e_ = head.shape[:2]
-    if fr.shape != (s_, e_, m.depth):
-      raise ValueError(f"token_fraction has shape {fr.shape}; this sampler needs (steps "
-                       f"{s_}, evals {e_}, layers {m.depth}) (from token_activity)")
+    self._check_fraction_shape(head)
     worst: dict = {}
-    n_steps = self.program.num_steps
-    for k in range(s_):
-      ne = 1 if k >= n_steps else e_
-      widths = tuple(tuple((_bucket(int(head[k, e, l].sum()), self.bucket, m.num_heads),
-                            _bucket(int(group[k, e, l].sum()), self.bucket, m.num_heads))
-                           for l in range(m.depth)) for e in range(ne))
+    for k, widths in enumerate(self._widths(head, group)):
+      ne = len(widths)
       w = worst.setdefault(widths, np.zeros((ne, m.depth)))
       np.maximum(w, fr[k, :ne], out=w)
     caps = {}
-    mult = self.capacity_multiple
     for widths, w in worst.items():
       c = {}
       for e in range(w.shape[0]):
         for l in range(m.depth):
-          cap = int(-(-np.ceil(w[e, l] * (1 + self.capacity_margin) * self.rows) // mult) * mult)
-          cap = max(cap, mult)
-          if cap <= (1 - self.min_token_saving) * self.rows:
+          cap = self._cap(w[e, l], self.capacity_multiple)
+          if cap:
             c[(e, l)] = cap
       caps[widths] = c
     return caps
@@ -578,10 +644,10 @@ class SparseSampler:
               guide_channels=self.guide_channels, guidance_interval=self.guidance_interval,
               null_class=self.null_class, bucket=self.bucket,
               capacity_margin=self.capacity_margin, capacity_multiple=self.capacity_multiple,
-              min_token_saving=self.min_token_saving)
+              min_token_saving=self.min_token_saving, capacity_levels=self.capacity_levels)
     kw.update(overrides)
     same_programs = set(overrides) <= {"bucket", "capacity_margin", "capacity_multiple",
-                                       "min_token_saving"}
+                                       "min_token_saving", "capacity_levels"}
     return SparseSampler(self.model, self.params, self.transport, self.sampler,
                          token_fraction=token_fraction,
                          _cache=self._cache if same_programs else None, **kw)

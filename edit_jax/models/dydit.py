@@ -62,11 +62,14 @@ TAU = 5.0
 
 
 # --------------------------------------------------------------------------- gates
-def gumbel_sigmoid_gate(logits, *, tau: float = TAU, train: bool = False, rng=None):
+def gumbel_sigmoid_gate(logits, *, tau: float = TAU, train: bool = False, rng=None,
+                        noise_scale=1.0):
   """Hard 0/1 gates with a straight-through gradient (official `_gumbel_sigmoid(hard=True)`).
 
-  train: y_soft = sigmoid((logits + g1 - g2) / tau), g1, g2 ~ Gumbel(0, 1) (drawn as one logistic
-  sample, the same distribution); eval: y_soft = sigmoid(logits) (no noise, no temperature).
+  train: y_soft = sigmoid((logits + s * (g1 - g2)) / tau), g1, g2 ~ Gumbel(0, 1) (drawn as one
+  logistic sample, the same distribution), s = noise_scale (1: official; a scalar, may be traced:
+  `LossConfig.gate_noise_decay_*` takes it to 0, where the hard training gates equal the
+  evaluation gates); eval: y_soft = sigmoid(logits) (no noise, no temperature).
   Returns y_hard - stop_gradient(y_soft) + y_soft (float32, values exactly 0 or 1).
   """
   logits = jnp.asarray(logits, jnp.float32)
@@ -74,7 +77,7 @@ def gumbel_sigmoid_gate(logits, *, tau: float = TAU, train: bool = False, rng=No
     if rng is None:
       raise ValueError("training gates need an rng (the 'gumbel' stream)")
     noise = jax.random.logistic(rng, logits.shape, jnp.float32)
-    soft = jax.nn.sigmoid((logits + noise) / tau)
+    soft = jax.nn.sigmoid((logits + jnp.asarray(noise_scale, jnp.float32) * noise) / tau)
   else:
     soft = jax.nn.sigmoid(logits)
   hard = (soft > 0.5).astype(jnp.float32)
@@ -157,12 +160,13 @@ class DyDiTBlock(sit.SiTBlock):
     return (_with_forced_unit(eval_mask(la), self.forced),
             _with_forced_unit(eval_mask(lm), self.forced), la, lm)
 
-  def _gate(self, logits, train):
+  def _gate(self, logits, train, noise_scale=1.0):
     rng = self.make_rng("gumbel") if train else None
-    return gumbel_sigmoid_gate(logits, tau=self.tau, train=train, rng=rng)
+    return gumbel_sigmoid_gate(logits, tau=self.tau, train=train, rng=rng,
+                               noise_scale=noise_scale)
 
   def __call__(self, x, c, t_emb=None, train: bool = False, complete_model: bool = False,
-               unit_gates=None):
+               unit_gates=None, gate_noise=1.0):
     x = sit.materialize_cotangent(x)  # as SiTBlock: a linear-in-depth backward (issue 15)
     mod = self.adaLN_modulation_1(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
@@ -176,8 +180,8 @@ class DyDiTBlock(sit.SiTBlock):
         head_gate, group_gate = unit_gates
     elif self.width_routing:
       la, lm = self.attn_rate(t_emb), self.mlp_rate(t_emb)
-      head_gate = _with_forced_unit(self._gate(la, train), self.forced)
-      group_gate = _with_forced_unit(self._gate(lm, train), self.forced)
+      head_gate = _with_forced_unit(self._gate(la, train, gate_noise), self.forced)
+      group_gate = _with_forced_unit(self._gate(lm, train, gate_noise), self.forced)
       self.sow(GATES, "head", head_gate)
       self.sow(GATES, "group", group_gate)
       self.sow(LOGITS, "attn_logits", la)
@@ -190,7 +194,7 @@ class DyDiTBlock(sit.SiTBlock):
       return sit.constrain(x)
     tl = self.token_selection(x)
     self.sow(LOGITS, "token_logits", tl)
-    token = self._gate(tl, train)
+    token = self._gate(tl, train, gate_noise)
     self.sow(GATES, "token", token)
     if self.segment and self.token_capacity:
       return sit.constrain(self._sparse_mlp_branch(x, token[..., 0] > 0.5, shift_mlp, scale_mlp,
@@ -307,10 +311,12 @@ class DyDiT(sit.SiT):
     return self.depth * per_block
 
   def __call__(self, x, t, y, train: bool = False, complete_model: bool = False,
-               full_output: bool = False, unit_gates: Optional[Sequence] = None):
+               full_output: bool = False, unit_gates: Optional[Sequence] = None,
+               gate_noise=1.0):
     """x (B, H, W, C) NHWC, t (B,), y (B,) -> (B, H, W, in_channels) (all out_channels with
     full_output, e.g. DiT's learned sigma). unit_gates: segment models only, one (head gate (k,),
-    group gate (g,)) per block."""
+    group gate (g,)) per block. gate_noise: scale of the training gates' logistic noise (scalar,
+    may be traced; 1 = official, 0 = the evaluation gates with a straight-through gradient)."""
     t, y = jnp.asarray(t), jnp.asarray(y)
     self.check_inputs(x, t, y)
     if self.segment is not None and complete_model:
@@ -321,7 +327,7 @@ class DyDiT(sit.SiT):
     c = (t_emb + self.y_embedder(y, train)).astype(self.dtype)
     for i, block in enumerate(self.blocks):
       h = block(h, c, t_emb, train, complete_model,
-                None if unit_gates is None else unit_gates[i])
+                None if unit_gates is None else unit_gates[i], gate_noise)
     h = self.final_layer(h, c)
     out = self.unpatchify(h)
     if not full_output:
@@ -394,13 +400,13 @@ def scale_router_updates(mult: float):
 
 
 def forward_with_gates(model: DyDiT, variables, x, t, y, *, train: bool = False, rngs=None,
-                       full_output: bool = False, logits: bool = False):
+                       full_output: bool = False, logits: bool = False, gate_noise=1.0):
   """Dense forward returning (out, gates): gates = {"head": (B, L, H), "group": (B, L, H),
   "token": (B, L, N, 1)} (entries absent when that routing is off; with logits=True also
   "attn_logits" / "mlp_logits" (B, L, U) and "token_logits" (B, L, N, 1))."""
   cols = [GATES] + ([LOGITS] if logits else [])
   out, state = model.apply(variables, x, t, y, train=train, full_output=full_output, rngs=rngs,
-                           mutable=cols)
+                           mutable=cols, gate_noise=gate_noise)
   return out, stack_sown(state, model.depth)
 
 

@@ -249,7 +249,7 @@ def _pairs(v) -> tuple:
   return tuple(tuple(float(a) for a in p) for p in v)
 
 
-class EDT(nn.Module):
+class EDT(sit.PatchGridMixin, nn.Module):
   """EDT backbone; see the module docstring for layouts and the official correspondence.
 
   Attributes (official constructor -> here): hidden_size = stage_dims[0]; stages_depth ->
@@ -306,18 +306,6 @@ class EDT(nn.Module):
   @property
   def num_down(self) -> int:
     return self.num_stages // 2
-
-  @property
-  def out_channels(self) -> int:
-    return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-  @property
-  def grid(self) -> int:
-    return self.input_size // self.patch_size
-
-  @property
-  def num_tokens(self) -> int:
-    return self.grid ** 2
 
   @property
   def num_heads(self) -> tuple:
@@ -433,9 +421,7 @@ class EDT(nn.Module):
   def setup(self):
     self.validate()
     d0 = self.hidden_size
-    self.x_embedder = sit.PatchEmbed(d0, self.patch_size, dtype=self.dtype)
-    self.t_embedder = sit.TimestepEmbedder(d0, dtype=self.dtype)
-    self.y_embedder = sit.LabelEmbedder(self.num_classes, d0, self.class_dropout_prob)
+    self.setup_io_layers(d0)
     block_cls = nn.remat(EDTBlock, static_argnums=(3,)) if self.remat else EDTBlock
     grids, stages = self.block_grids, self.block_stages
     self.blocks = [
@@ -454,7 +440,6 @@ class EDT(nn.Module):
       cats.append(ConcatLayer(int(self.stage_dims[s]), sg[s], self.token_enhance,
                               self.pos_supplement, self.dtype, name=f"concat_blocks_{j}"))
     self.up_blocks, self.concat_blocks = ups, cats
-    self.final_layer = sit.FinalLayer(d0, self.patch_size, self.out_channels, dtype=self.dtype)
 
   def check_inputs(self, x, t, y):
     sit.check_model_inputs(self, x, t, y)

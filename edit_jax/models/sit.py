@@ -274,6 +274,31 @@ class PatchEmbed(nn.Module):
     return x.reshape(b, gh * gw, d)
 
 
+class PatchGridMixin:
+  """What every patch-token backbone (SiT, DiT, DyDiT, EDT) derives from input_size, patch_size,
+  in_channels, learn_sigma and class_dropout_prob, and its shared input / output layers."""
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  @property
+  def grid(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid ** 2
+
+  def setup_io_layers(self, d: int):
+    """x_embedder / t_embedder / y_embedder / final_layer at width d (call from setup; the
+    official parameter names)."""
+    self.x_embedder = PatchEmbed(d, self.patch_size, dtype=self.dtype)
+    self.t_embedder = TimestepEmbedder(d, dtype=self.dtype)
+    self.y_embedder = LabelEmbedder(self.num_classes, d, self.class_dropout_prob)
+    self.final_layer = FinalLayer(d, self.patch_size, self.out_channels, dtype=self.dtype)
+
+
 def check_model_inputs(self, x, t, y):
   """Host-side shape/label checks shared by the model families (skipped for traced labels)."""
   expect = (self.input_size, self.input_size, self.in_channels)
@@ -351,7 +376,7 @@ def resolve_mediator_layers(depth: int, mediator_num: int, mediator_layers) -> t
   return tuple(sorted(set(idx)))
 
 
-class SiT(nn.Module):
+class SiT(PatchGridMixin, nn.Module):
   """SiT backbone. See module docstring for layouts.
 
   Attributes mirror the official constructor; extra ones:
@@ -420,18 +445,6 @@ class SiT(nn.Module):
     return idx
 
   @property
-  def out_channels(self) -> int:
-    return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-  @property
-  def grid(self) -> int:
-    return self.input_size // self.patch_size
-
-  @property
-  def num_tokens(self) -> int:
-    return self.grid ** 2
-
-  @property
   def mediator_blocks(self) -> tuple[int, ...]:
     return resolve_mediator_layers(self.depth, self.mediator_num, self.mediator_layers)
 
@@ -476,9 +489,7 @@ class SiT(nn.Module):
   def setup(self):
     self.validate()
     d = self.hidden_size
-    self.x_embedder = PatchEmbed(d, self.patch_size, dtype=self.dtype)
-    self.t_embedder = TimestepEmbedder(d, dtype=self.dtype)
-    self.y_embedder = LabelEmbedder(self.num_classes, d, self.class_dropout_prob)
+    self.setup_io_layers(d)
     block_cls = self.block_class()
     med = set(self.mediator_blocks)
     self.blocks = [
@@ -491,7 +502,6 @@ class SiT(nn.Module):
                   **self.block_kwargs(i))
         for i in range(self.depth)
     ]
-    self.final_layer = FinalLayer(d, self.patch_size, self.out_channels, dtype=self.dtype)
 
   def check_inputs(self, x, t, y):
     check_model_inputs(self, x, t, y)

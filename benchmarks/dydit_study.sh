@@ -14,7 +14,8 @@ for LAM in 0.7 0.5; do
 done
 $PY benchmarks/dydit_speed.py digits --base "$RUNS/quickstart" \
   --dydit 0.7="$RUNS/dydit_quickstart_0.7" --dydit 0.5="$RUNS/dydit_quickstart_0.5" \
-  --repeats 3 --out benchmarks/results/dydit_digits.json
+  --batch 50 --quality_samples 500 --repeats 3 --bucket 2 --capacity_levels 0 \
+  --out benchmarks/results/dydit_digits.json
 $PY benchmarks/dydit_speed.py synthetic --name SiT-S/2 --input_size 32 --targets 0.7,0.5 \
   --method euler --num_steps 11 --cfg 1.5 --batch 8 --repeats 3 --out benchmarks/results/dydit_s2_cpu.json
 $PY benchmarks/dydit_speed.py render

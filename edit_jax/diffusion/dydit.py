@@ -366,7 +366,8 @@ class SparseSampler:
     group = np.asarray(group).reshape(s_, e_, m.depth, m.num_heads)
     margin = float(min(np.abs(np.asarray(la)).min(), np.abs(np.asarray(lm)).min()))
     n_steps = self.program.num_steps
-    step_caps = self._step_capacities(head, group)
+    all_widths = self._widths(head, group)
+    step_caps = self._step_capacities(head, group, all_widths)
     signatures, runs, index = [], [], {}
     k = 0
     while k < s_:
@@ -381,8 +382,7 @@ class SparseSampler:
               for e in range(ne)]
       gsel = [[unit_selection(group[k, e, l], self.bucket) for l in range(m.depth)]
               for e in range(ne)]
-      widths = tuple(tuple((hsel[e][l][0].size, gsel[e][l][0].size) for l in range(m.depth))
-                     for e in range(ne))
+      widths = all_widths[k]  # == the selections' sizes (both bucket the active counts)
       key = (kind, tuple(tuple(w + (step_caps[k].get((e, l), 0),)
                                for l, w in enumerate(widths[e])) for e in range(ne)))
       if key not in index:
@@ -402,14 +402,15 @@ class SparseSampler:
     cap = max(cap, quantum)
     return cap if cap <= (1 - self.min_token_saving) * self.rows else 0
 
-  def _step_capacities(self, head, group) -> list:
+  def _step_capacities(self, head, group, widths) -> list:
     """Per step k: {(eval, layer): capacity} (absent = dense), from the calibrated fractions:
     the worst step of the width signature (capacity_levels 0) or the step's own (levels > 0)."""
     s_ = head.shape[0]
     if self.token_fraction is None:
       return [{} for _ in range(s_)]
-    caps = self._capacities(head, group)
-    per_sig = [caps[w] for w in self._widths(head, group)]
+    self._check_fraction_shape(head)
+    caps = self._capacities(widths)
+    per_sig = [caps[w] for w in widths]
     if not self.capacity_levels:
       return per_sig
     mult = self.capacity_multiple
@@ -444,27 +445,26 @@ class SparseSampler:
       raise ValueError(f"token_fraction has shape {self.token_fraction.shape}; this sampler needs "
                        f"(steps {s_}, evals {e_}, layers {m.depth}) (from token_activity)")
 
-  def _capacities(self, head, group) -> dict:
+  def _capacities(self, widths) -> dict:
     """{width signature: {(eval, layer): capacity}} from the calibrated token fractions."""
     if self.token_fraction is None:
       return {}
     m = self.model
     fr = self.token_fraction
-    self._check_fraction_shape(head)
     worst: dict = {}
-    for k, widths in enumerate(self._widths(head, group)):
-      ne = len(widths)
-      w = worst.setdefault(widths, np.zeros((ne, m.depth)))
+    for k, wk in enumerate(widths):
+      ne = len(wk)
+      w = worst.setdefault(wk, np.zeros((ne, m.depth)))
       np.maximum(w, fr[k, :ne], out=w)
     caps = {}
-    for widths, w in worst.items():
+    for wk, w in worst.items():
       c = {}
       for e in range(w.shape[0]):
         for l in range(m.depth):
           cap = self._cap(w[e, l], self.capacity_multiple)
           if cap:
             c[(e, l)] = cap
-      caps[widths] = c
+      caps[wk] = c
     return caps
 
   # ------------------------------------------------------------------ compiled segments

@@ -16,6 +16,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
+import edit_jax  # noqa: E402,F401  (its allocator settings must precede the backend: hostmem.py)
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])

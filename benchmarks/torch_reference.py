@@ -37,6 +37,9 @@ CASES = {
 }
 DEFAULT_CASES = ("S2", "S2-med16")
 INPUT, CHANNELS, CLASSES = 32, 4, 1000  # 256 px latents
+# Untimed calls per kind on both sides before the rounds (XLA:CPU's heap reaches its steady
+# size within a few steps: edit_jax/hostmem.py).
+WARMUP = 3
 
 # ----------------------------------------------------------------------------------------------
 # The PyTorch worker (runs under --torch_python; imports only torch and numpy)
@@ -48,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-depth, D, H, p, n_med, B, S, C, K = (int(a) for a in sys.argv[1:10])
+depth, D, H, p, n_med, B, S, C, K, WARMUP = (int(a) for a in sys.argv[1:11])
 torch.manual_seed(0)
 g = S // p
 N = g * g
@@ -188,7 +191,8 @@ def forward():
 
 fns = {"train_step": train_step, "forward": forward}
 for f in fns.values():
-  f()
+  for _ in range(WARMUP):
+    f()
 print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "params": sum(q.numel() for q in model.parameters())}), flush=True)
 for line in sys.stdin:
@@ -205,7 +209,7 @@ class TorchWorker:
   def __init__(self, python: str, case: str):
     depth, d, h, p, n, b = CASES[case]
     self.proc = subprocess.Popen(
-        [python, "-c", WORKER, *map(str, (depth, d, h, p, n, b, INPUT, CHANNELS, CLASSES))],
+        [python, "-c", WORKER, *map(str, (depth, d, h, p, n, b, INPUT, CHANNELS, CLASSES, WARMUP))],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.info = json.loads(self.proc.stdout.readline())
 
@@ -264,7 +268,7 @@ class JaxSide:
     self.rng = jax.random.key(2)
     self.params_count = models.count_params(params)
     for kind in ("train_step", "forward"):
-      self.time(kind, 1)
+      self.time(kind, WARMUP)
 
   def time(self, kind: str, steps: int) -> dict:
     jax = self.jax
@@ -330,7 +334,8 @@ def main(argv=None):
   if args.json:
     common.write_json(args.json, {
         "command": "python benchmarks/torch_reference.py " + " ".join(argv or sys.argv[1:]),
-        "load_average": os.getloadavg(), "results": results})
+        "load_average": os.getloadavg(), "warmup_calls": WARMUP,
+        "cpu_malloc": __import__("edit_jax.hostmem").hostmem.status(), "results": results})
   return results
 
 

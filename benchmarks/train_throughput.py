@@ -11,7 +11,9 @@ edit_jax.flops). MFU is against a MEASURED peak: the best TFLOP/s of a large squ
 (``--peak_n``, default 8192 on accelerators, 2048 on CPU) jitted on the same device in the
 model's compute dtype (``measure_peak_tflops``), unless ``--peak_tflops`` is given. Prints a table
 and writes JSON (with the load average and the scheduling policy).
-An idle-machine figure on a shared Linux machine: run it under `chrt -f 1` (root; real-time
+``--cpu_malloc=off`` measures the step with glibc's default allocator behaviour (every step's
+temporary buffer page-faulted in again; edit_jax/hostmem.py); the JSON records the minor page
+faults per step. An idle-machine figure on a shared Linux machine: run it under `chrt -f 1` (root; real-time
 priority, the other jobs keep the 5% of each core that the kernel reserves for them; keep it short).
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -63,7 +66,7 @@ def measure_peak_tflops(dtype: str = "float32", n: int = 0, repeats: int = 10) -
 def run(args) -> dict:
   import jax  # noqa: PLC0415
   import flax.linen as nn  # noqa: PLC0415
-  from edit_jax import data as data_lib, metrics as metrics_lib, sharding, train  # noqa: PLC0415
+  from edit_jax import data as data_lib, hostmem, metrics as metrics_lib, sharding, train  # noqa: PLC0415
   from edit_jax.diffusion import transport  # noqa: PLC0415
   config = load_config(args.config)
   with config.unlocked():
@@ -100,11 +103,13 @@ def run(args) -> dict:
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
       state, m = step(state, fixed or data_lib.to_global(next(it), bsh), rng)
     jax.block_until_ready(state)
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / args.steps
   flops_img = metrics_lib.train_flops_per_image(model)
   if args.peak_tflops:
     peak_info = {"peak_tflops": args.peak_tflops, "peak_method": "--peak_tflops"}
@@ -119,7 +124,8 @@ def run(args) -> dict:
       "config": args.config, "data": args.data, "global_batch": config.global_batch_size,
       "steps": args.steps, "seconds": dt, "warmup_seconds_incl_compile": compile_s,
       "step_ms": 1e3 * dt / args.steps, "step_cpu_ms": 1e3 * cpu / args.steps,
-      "variant": args.variant, **tp,
+      "variant": args.variant, "minor_page_faults_per_step": faults,
+      "cpu_malloc": hostmem.status(), **tp,
       "train_gflops_per_image": flops_img / 1e9, "peak_tflops_per_device": peak, **peak_info,
       "estimated_peak_tflops": metrics_lib.peak_tflops_per_device(),
       "load_average": os.getloadavg(), "scheduling": scheduling_policy(),
@@ -157,14 +163,23 @@ def main(argv=None):
   ap.add_argument("--peak_tflops", type=float, default=0.0,
                   help="use this peak instead of measuring one (TFLOP/s per device)")
   ap.add_argument("--peak_n", type=int, default=0, help="matmul size of the peak measurement")
+  ap.add_argument("--cpu_malloc", choices=("auto", "on", "off"), default="",
+                  help="EDIT_JAX_CPU_MALLOC for this run (edit_jax/hostmem.py); off = glibc "
+                       "defaults, i.e. the step's buffers page-faulted in every step")
   ap.add_argument("--json", default="", help="write the result here too")
   args = ap.parse_args(argv)
+  if args.cpu_malloc:
+    if "edit_jax" in sys.modules:
+      ap.error("--cpu_malloc must be applied before edit_jax is imported (run the script itself)")
+    os.environ["EDIT_JAX_CPU_MALLOC"] = args.cpu_malloc
   r = run(args)
   r["command"] = " ".join(["python benchmarks/train_throughput.py"]
                           + list(sys.argv[1:] if argv is None else argv))
   rows = [("config", r["config"]), ("device", f"{r['devices']} x {r['device_kind']}"),
           ("global batch", r["global_batch"]), ("step time", f"{r['step_ms']:.1f} ms (process CPU {r['step_cpu_ms']:.1f} ms)"),
           ("images/s", f"{r['images_per_sec']:.1f}"),
+          ("minor page faults/step", f"{r['minor_page_faults_per_step']:.0f} (allocator settings "
+           f"applied: {r['cpu_malloc']['applied']})"),
           ("TFLOP/s/device", f"{r['tflops_per_device']:.4f}"),
           ("peak TFLOP/s/device", f"{r['peak_tflops_per_device']:.4f} ({r['peak_method']})"),
           ("MFU", f"{100 * r['mfu']:.1f}%" if np.isfinite(r["mfu"]) else "n/a")]

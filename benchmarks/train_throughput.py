@@ -1,6 +1,7 @@
 """Training throughput: images/s, TFLOP/s per device and MFU of the jitted train step.
 
     python benchmarks/train_throughput.py                                   # quickstart config
+    python benchmarks/train_throughput.py --summarize benchmarks/results/train_throughput_hostmem
     python benchmarks/train_throughput.py --config=configs/sit.py:B2-med64 --steps=20 \
         --batch=256 --data=synthetic --json=out/b2.json
 
@@ -149,6 +150,35 @@ def scheduling_policy() -> str:
   return names.get(pol, str(pol))
 
 
+def summarize(folder: str) -> list[dict]:
+  """Markdown rows (median over the runs) of the JSONs in `folder`, grouped by model variant and
+  allocator setting; ratios against the first group ("current" with the settings applied)."""
+  import glob  # noqa: PLC0415
+  groups: dict = {}
+  for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+    with open(path) as f:
+      r = json.load(f)
+    key = (r["variant"], bool(r["cpu_malloc"]["applied"]))
+    groups.setdefault(key, []).append(r)
+  if not groups:
+    raise SystemExit(f"no JSON files in {folder}")
+  order = sorted(groups, key=lambda k: (k[0] != "current", not k[1]))
+  base = float(np.median([r["images_per_sec"] for r in groups[order[0]]]))
+  rows = []
+  for key in order:
+    rs = groups[key]
+    ips = float(np.median([r["images_per_sec"] for r in rs]))
+    rows.append({"model": key[0], "allocator settings": "applied" if key[1] else "glibc defaults",
+                 "runs": len(rs),
+                 "images/s (median)": f"{ips:.1f}",
+                 "images/s (all)": ", ".join(f"{r['images_per_sec']:.1f}" for r in rs),
+                 "step ms (median)": f"{np.median([r['step_ms'] for r in rs]):.0f}",
+                 "page faults/step": f"{np.median([r['minor_page_faults_per_step'] for r in rs]):.0f}",
+                 "MFU (median)": f"{100 * np.median([r['mfu'] for r in rs]):.1f} %",
+                 "first row / this": f"{base / ips:.2f}"})
+  return rows
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="configs/quickstart.py")
@@ -167,7 +197,16 @@ def main(argv=None):
                   help="EDIT_JAX_CPU_MALLOC for this run (edit_jax/hostmem.py); off = glibc "
                        "defaults, i.e. the step's buffers page-faulted in every step")
   ap.add_argument("--json", default="", help="write the result here too")
+  ap.add_argument("--summarize", default="", metavar="DIR",
+                  help="print the markdown table of the run JSONs in DIR (no measurement)")
   args = ap.parse_args(argv)
+  if args.summarize:
+    rows = summarize(args.summarize)
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+      print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return rows
   if args.cpu_malloc:
     if "edit_jax" in sys.modules:
       ap.error("--cpu_malloc must be applied before edit_jax is imported (run the script itself)")

@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from edit_jax import checkpoint as ckpt_lib
 from edit_jax import data as data_lib
 from edit_jax import elastic as elastic_lib
+from edit_jax import hostmem
 from edit_jax import metrics as metrics_lib
 from edit_jax import models
 from edit_jax import sharding as sharding_lib
@@ -881,6 +882,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
   pidx, pcount = jax.process_index(), jax.process_count()
   is_main = pidx == 0
+  if jax.default_backend() == "cpu" and not hostmem.status()["applied"]:
+    logging.warning("XLA:CPU host allocator settings are not active (%s): every step page-faults "
+                    "its buffers in, ~1/3 slower (edit_jax/hostmem.py)", hostmem.status()["reason"])
 
   check_workdir(workdir)
   model = get_model(config)

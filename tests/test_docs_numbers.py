@@ -162,3 +162,19 @@ def test_dydit_block_matches_json():
   study = (ROOT / "benchmarks" / "dydit_study.sh").read_text()
   for name in (dydit_speed.DIGITS_JSON, dydit_speed.SYNTHETIC_JSON):
     assert f"--out {name}" in study
+
+
+def test_allocator_throughput_table_is_the_summary_of_its_jsons():
+  """docs/benchmarks.md's table after the allocator fix == train_throughput.py --summarize."""
+  from benchmarks import train_throughput  # noqa: PLC0415
+  rows = train_throughput.summarize(str(RESULTS / "train_throughput_hostmem"))
+  text = _doc("benchmarks.md")
+  block = text[text.index("<!-- train_throughput_hostmem:begin -->"):
+               text.index("<!-- train_throughput_hostmem:end -->")]
+  doc_rows = _table_after(block, "begin")
+  assert doc_rows == [{k: str(v) for k, v in r.items()} for r in rows]
+  # the prose quotes the ratio and the medians of that table
+  ratio = rows[-1]["first row / this"]
+  assert f"**{ratio}x**" in text and f"**{ratio}x**" in _doc("training.md")
+  assert (f"{rows[0]['images/s (median)']} vs {rows[-1]['images/s (median)']} images/s"
+          in _doc("training.md"))

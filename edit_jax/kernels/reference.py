@@ -30,9 +30,9 @@ def mediator_attention_reference(q, k, v, m, bias1, bias2, *, scale: float | Non
     scale = hd ** -0.5
   out_dtype = q.dtype
   # Head-major inside ((B, h, tokens, hd): one transpose per operand, then plain batched
-  # matmuls): the same contractions as the BTNH einsums, bit-identical results, and on XLA:CPU
-  # 1.15-1.5x faster forward and backward than letting every einsum transpose its operands
-  # (issue 15, docs/benchmarks.md).
+  # matmuls): the same contractions as the BTNH einsums, bit-identical results; on XLA:CPU the
+  # forward is 1.3-1.4x and forward+backward 1.05-1.2x faster than letting every einsum transpose
+  # its operands (benchmarks/mediator_layout.py, issue 15).
   qh, kh, vh, mh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v, m))
   # Logits and softmax in float32 whatever the input dtype.
   logits1 = jnp.einsum("bhmd,bhkd->bhmk", mh * scale, kh, preferred_element_type=jnp.float32)

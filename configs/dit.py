@@ -29,13 +29,15 @@ No accelerator was available while writing these presets.
 """
 import importlib.util
 import pathlib
-import re
 
-from edit_jax.train import default_config
 
-_PRESET = re.compile(r"^(S|B|L|XL)(2|4|8)(?:-med(\d+))?(?:-(256|512|1024))?$")
-STEPS = {"S": 400_000, "B": 400_000, "L": 400_000, "XL": 7_000_000}
-FSDP = {"S": 1, "B": 1, "L": 4, "XL": 4}
+def _sibling(name: str):
+  """Another config file of this folder, loaded by path (configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"_{name}_config",
+                                                pathlib.Path(__file__).with_name(f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
 def _gaussian(c):
@@ -47,44 +49,21 @@ def _gaussian(c):
 
 def _digits():
   """configs/quickstart.py with the Gaussian objective (DDIM-50 grids, x0 clipped: pixel data)."""
-  spec = importlib.util.spec_from_file_location(
-      "_quickstart_config", pathlib.Path(__file__).with_name("quickstart.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = _gaussian(mod.get_config())
+  c = _gaussian(_sibling("quickstart").get_config())
   c.sample.update(dict(method="ddim", num_steps=50, clip_denoised=True))
   return c
 
 
 def get_config(preset: str = "XL2"):
+  """The configs/sit.py preset of the same name (backbone, data, batch, steps, mesh, resolution
+  fine-tuning) with DiT's Gaussian diffusion and sampling settings."""
   preset = preset or "XL2"
   if preset == "digits":
     return _digits()
-  m = _PRESET.match(preset)
-  if not m:
-    raise ValueError(f"unknown preset {preset!r}: expected digits or <S|B|L|XL><2|4|8>[-med<n>]"
-                     "[-<256|512|1024>], e.g. XL2, S2-med64 or XL2-512")
-  size, patch, n, res = m.group(1), int(m.group(2)), int(m.group(3) or 0), int(m.group(4) or 256)
-  c = default_config()
-  c.model.update(dict(name=f"SiT-{size}/{patch}", input_size=res // 8, in_channels=4,
-                      num_classes=1000, mediator_num=n, class_dropout_prob=0.1))
-  c.data.update(dict(name="latents", path="", image_size=res, num_classes=1000, random_flip=True,
-                     latent_sample=True))
-  c.global_batch_size = 256
-  c.num_train_steps = STEPS[size]
-  c.mesh_shape = (-1, FSDP[size])
-  if size in ("L", "XL"):
-    c.model.dtype = "bfloat16"
-  c.checkpoint_every = 10_000
-  c.log_every = 100
-  _gaussian(c)
+  try:
+    c = _sibling("sit").get_config(preset)
+  except ValueError as e:
+    raise ValueError(f"{e} (configs/dit.py also accepts 'digits')") from None
+  c = _gaussian(c)
   c.sample.update(dict(every=20_000, cfg_scale=4.0, guide_channels=3))
-  if res > 256:
-    c.global_batch_size = {512: 64, 1024: 16}[res]
-    c.num_train_steps = 400_000
-    c.init_from = ""  # required: --config.init_from=<256/512 workdir or converted checkpoint>
-    c.init_from_grid = (res // 2) // 8 // patch
-    c.mesh_shape = (-1, max(FSDP[size], 4 if res == 1024 else 1))
-    c.model.remat = res == 1024
-    c.checkpoint_every = 5_000
   return c

@@ -40,36 +40,37 @@ adapting a converged model to new attention layers, not a tuned value; evaluate 
 n = 4 / 16 / 64 and with the schedule (FID-50K, ADM evaluator) against the vanilla model's 2.06
 (cfg 1.5) before relying on it.
 """
+import importlib.util
+import pathlib
 import re
-
-from edit_jax.train import default_config
 
 _PRESET = re.compile(r"^(S|B|L|XL)(2)(?:-(first4|med64))?$")
 STEPS = {"S": 100_000, "B": 100_000, "L": 200_000, "XL": 200_000}
-FSDP = {"S": 1, "B": 1, "L": 4, "XL": 4}
+
+
+def _sit_preset(name: str):
+  """configs/sit.py's preset `name` (loaded by path: configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location("_sit_config",
+                                                pathlib.Path(__file__).with_name("sit.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(name)
 
 
 def get_config(preset: str = "XL2"):
+  """configs/sit.py's <size>2-med64 preset (backbone, latents, batch 256, mesh, bf16 for L/XL)
+  made elastic and set up to fine-tune from a converted checkpoint."""
   m = _PRESET.match(preset or "XL2")
   if not m:
     raise ValueError(f"unknown preset {preset!r}: expected XL2, XL2-first4, XL2-med64 or "
                      f"S2-med64 (any of S/B/L/XL with patch 2)")
   size, variant = m.group(1), m.group(3) or ""
-  c = default_config()
-  c.model.update(dict(name=f"SiT-{size}/2", input_size=32, in_channels=4, num_classes=1000,
-                      class_dropout_prob=0.1, learn_sigma=True, mediator_num=64, elastic_grid=8,
-                      mediator_layers="0,1,2,3" if variant == "first4" else "all",
-                      dtype="bfloat16" if size in ("L", "XL") else "float32"))
+  c = _sit_preset(f"{size}2-med64")
+  c.model.update(dict(elastic_grid=8,
+                      mediator_layers="0,1,2,3" if variant == "first4" else "all"))
   c.elastic.update(dict(mediators="4,16,64", mode="uniform", num_random=1))
-  c.data.update(dict(name="latents", path="", image_size=256, num_classes=1000, random_flip=True,
-                     latent_sample=True))
-  c.global_batch_size = 256
   c.num_train_steps = STEPS[size]
   c.optim.update(dict(learning_rate=1e-4, warmup_steps=2000, schedule="constant"))
-  c.mesh_shape = (-1, FSDP[size])
   c.init_from = ""  # required: official .pt / converted dir / workdir (see the docstring)
   c.init_from_ema = True
-  c.checkpoint_every = 10_000
-  c.log_every = 100
-  c.sample.update(dict(every=20_000, method="heun2", num_steps=50, cfg_scale=4.0))
   return c

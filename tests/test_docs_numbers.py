@@ -178,3 +178,7 @@ def test_allocator_throughput_table_is_the_summary_of_its_jsons():
   assert f"**{ratio}x**" in text and f"**{ratio}x**" in _doc("training.md")
   assert (f"{rows[0]['images/s (median)']} vs {rows[-1]['images/s (median)']} images/s"
           in _doc("training.md"))
+  # the README's figure is the allocator's share (current model, settings on vs glibc defaults)
+  off = next(r for r in rows if r["model"] == "current" and r["allocator settings"] != "applied")
+  assert f"({off['first row / this']}x the\nquickstart's training throughput" in (
+      ROOT / "README.md").read_text()

@@ -709,7 +709,10 @@ def markdown(payload: dict, png_rel: str | None, header: str) -> list[str]:
           "elastic run's forward is the mean over the n it draws): the primary cost figure. "
           "CPU/wall seconds: measured for each run on the shared 2-core CPU (mean over seeds, "
           "summed over the runs an option needs); other jobs ran at the same time (load average "
-          "up to ~20), so treat them as +-30 % at best."
+          "up to ~20), so treat them as +-30 % at best. Wall seconds also count any time the "
+          "study was paused (SIGSTOP) to give timing benchmarks the machine, and the first "
+          "stretch of some runs ran before the CPU allocator fix (edit_jax/hostmem.py, issue 15): "
+          "compare options by FLOPs, then CPU seconds, not by wall time."
           + (f" Runs of {', '.join(pre)} were timed before the backward-pass fix (issue 15, "
              f"about 2x faster train step) and are not comparable with the later runs: compare "
              f"options by the FLOPs column." if pre else ""), "",

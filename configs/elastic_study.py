@@ -23,14 +23,16 @@ grid points and CFG 3 gives 82 % accuracy and lets the switching rule spread sam
 three n as rho varies; 50 SDE points were not better (80 %); the quickstart's heun2 ODE (30
 points) gave 79 % and the rule almost never switched on it (as in sections 4a/4b); CFG 4 raised
 the FDD (392 vs 227) without raising accuracy.
-Sized for: the shared 2-core CPU (no accelerator): 15 training runs (quickstart length) of ~700 CPU-seconds
-each measured before the backward-pass fix of issue 15 (expected about half with it) plus 33 sampling
-evaluations (per seed: 7 static points and 2 schedules x 2 rho pairs) of ~90 CPU-seconds (500
-samples, 30 SDE steps, guided) = ~2.3 CPU-hours; wall time depends on how many other jobs share
-the two cores. Resumable: rerun the command; finished runs (runs_dir) and evaluations are reused,
-and seeds complete in benchmarks/results/report_elastic.json are reused on a fresh clone.
+Sized for: a 2-core CPU (no accelerator): 15 training runs (quickstart length; 361-444 s wall
+each on an idle 2-core EPYC VM with the issue-15 fixes, e.g. static n = 16 / 64 of seed 0) plus 33
+sampling evaluations (per seed: 7 static points and 2 schedules x 2 rho pairs) of 100-140
+CPU-seconds each (500 samples, 30 SDE steps, guided; report_elastic.json) = an estimated ~40
+minutes per seed on a quiet 2-core machine. Resumable: rerun
+the command; finished runs (runs_dir) and evaluations are reused, and seeds complete in
+benchmarks/results/report_elastic.json are reused on a fresh clone (seed 0 is committed).
 Expected result: conditional accuracy around the issue's 80 % with guidance (seed 0: full
-attention 0.796, static n = 4 0.858, elastic at n = 4 0.870); whether the
+attention 0.756, static n = 4 / 16 / 64 0.848 / 0.864 / 0.880, elastic at n = 4 / 16 / 64
+0.864 / 0.852 / 0.852); whether the
 elastic model matches the static ones within a seed std at each n, and whether the one-checkpoint
 schedule matches the three-checkpoint one at equal GFLOPs, is what the study measures (see
 docs/results.md for the outcome; it is not assumed here).

@@ -106,10 +106,10 @@ def configure(mode: str | None = None) -> dict:
                      "edit_jax/hostmem.py)")
   if _status["applied"]:
     return status()
-  if mode == "off":
-    _status = {"applied": False, "reason": f"{ENV}=off", "mode": mode}
-  elif _env_already_set():
+  if _env_already_set():  # glibc read them at process start, whatever the mode
     _status = {"applied": True, "reason": "MALLOC_* environment variables", "mode": mode}
+  elif mode == "off":
+    _status = {"applied": False, "reason": f"{ENV}=off", "mode": mode}
   elif mode == "auto" and not cpu_backend_expected():
     _status = {"applied": False, "reason": "an accelerator backend is expected (auto mode)",
                "mode": mode}

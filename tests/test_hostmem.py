@@ -35,9 +35,9 @@ print(json.dumps({"faults_per_call": per_call, "status": hostmem.status()}))
 """
 
 
-def _probe(mode: str) -> dict:
+def _probe(mode: str, extra_env=None) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-  env.update({hostmem.ENV: mode, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  env.update({hostmem.ENV: mode, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, **(extra_env or {}))
   out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -53,6 +53,14 @@ def test_buffers_are_reused_not_faulted_in():
   assert off["faults_per_call"] > 8000, off
   # ... with them the freed buffer is reused: no faults in steady state.
   assert on["faults_per_call"] < 200, on
+
+
+@pytest.mark.skipif(not GLIBC, reason="the settings exist for glibc Linux only")
+def test_documented_environment_variables_are_equivalent():
+  """The MALLOC_* variables the docs give work on their own (mode off) and are reported."""
+  env = _probe("off", hostmem.ENV_EQUIVALENT)
+  assert env["status"]["applied"] and "environment" in env["status"]["reason"], env
+  assert env["faults_per_call"] < 200, env
 
 
 def test_modes_and_errors(monkeypatch):

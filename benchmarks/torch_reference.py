@@ -332,10 +332,11 @@ def main(argv=None):
       cm.__exit__(None, None, None)
   common.print_table(rows, list(rows[0]))
   if args.json:
+    from edit_jax import hostmem  # noqa: PLC0415  (imported by JaxSide already)
     common.write_json(args.json, {
         "command": "python benchmarks/torch_reference.py " + " ".join(argv or sys.argv[1:]),
         "load_average": os.getloadavg(), "warmup_calls": WARMUP,
-        "cpu_malloc": __import__("edit_jax.hostmem").hostmem.status(), "results": results})
+        "cpu_malloc": hostmem.status(), "results": results})
   return results
 
 

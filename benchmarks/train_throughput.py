@@ -201,11 +201,9 @@ def main(argv=None):
                   help="print the markdown table of the run JSONs in DIR (no measurement)")
   args = ap.parse_args(argv)
   if args.summarize:
+    from benchmarks.report import md_table  # noqa: PLC0415
     rows = summarize(args.summarize)
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-      print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print(md_table(rows, list(rows[0])))
     return rows
   if args.cpu_malloc:
     if "edit_jax" in sys.modules:

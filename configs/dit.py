@@ -27,17 +27,14 @@ Sized for / expected results (FID-50K, ADM evaluator; [paper] = published, not r
       diffusion vs transport on the digits") gives the measured digit FD / accuracy.
 No accelerator was available while writing these presets.
 """
-import importlib.util
 import pathlib
+
+from edit_jax.train import load_config_module
 
 
 def _sibling(name: str):
-  """Another config file of this folder, loaded by path (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location(f"_{name}_config",
-                                                pathlib.Path(__file__).with_name(f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  """Another config file of this folder."""
+  return load_config_module(pathlib.Path(__file__).with_name(f"{name}.py"))
 
 
 def _gaussian(c):

@@ -21,16 +21,13 @@ Sized for a 2-core CPU: ~8 minutes idle. Sampling (heun2, 30 points, CFG 3) writ
 Measured quality and speed (dense vs sparse sampling, FLOPs ratio beside time ratio):
 docs/dydit.md and benchmarks/dydit_speed.py.
 """
-import importlib.util
 import pathlib
+
+from edit_jax.train import load_config_module
 
 
 def _quickstart_config():
-  path = pathlib.Path(__file__).with_name("quickstart.py")
-  spec = importlib.util.spec_from_file_location("edit_jax_quickstart_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return load_config_module(pathlib.Path(__file__).with_name("quickstart.py")).get_config()
 
 
 def get_config(preset: str = ""):

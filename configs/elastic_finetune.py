@@ -40,21 +40,18 @@ adapting a converged model to new attention layers, not a tuned value; evaluate 
 n = 4 / 16 / 64 and with the schedule (FID-50K, ADM evaluator) against the vanilla model's 2.06
 (cfg 1.5) before relying on it.
 """
-import importlib.util
 import pathlib
 import re
+
+from edit_jax.train import load_config_module
 
 _PRESET = re.compile(r"^(S|B|L|XL)(2)(?:-(first4|med64))?$")
 STEPS = {"S": 100_000, "B": 100_000, "L": 200_000, "XL": 200_000}
 
 
 def _sit_preset(name: str):
-  """configs/sit.py's preset `name` (loaded by path: configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("_sit_config",
-                                                pathlib.Path(__file__).with_name("sit.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(name)
+  """configs/sit.py's preset `name`."""
+  return load_config_module(pathlib.Path(__file__).with_name("sit.py")).get_config(name)
 
 
 def get_config(preset: str = "XL2"):

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import signal
 import threading
 import time
@@ -68,6 +69,17 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
+
+def load_config_module(path):
+  """The module of a config file, loaded by path (configs/*.py are files, not a package): lets
+  one config build on another, e.g. ``load_config_module(Path(__file__).with_name("sit.py"))``."""
+  import importlib.util  # noqa: PLC0415
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"_edit_jax_config_{path.stem}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
 
 def default_config() -> ml_collections.ConfigDict:
   """Every training option with the official recipe's values (configs/*.py start from this)."""

@@ -66,13 +66,14 @@ def test_small_grids_and_bad_args():
                                                   (8, 1, 16, True)])
 def test_log_bias_equals_post_softmax(g, heads, hd, with_bias):
   n = g * g
-  ks = jax.random.split(jax.random.key(g), 4)
-  q, k, v = (3.0 * jax.random.normal(kk, (2, n, heads, hd)) for kk in ks[:3])
-  bias = jax.random.normal(ks[3], (1, heads, n, n)) if with_bias else None
+  rng = np.random.default_rng(g)  # host inputs; the three attentions in one jitted program
+  q, k, v = (3.0 * rng.normal(size=(2, n, heads, hd)).astype(np.float32) for _ in range(3))
+  bias = rng.normal(size=(1, heads, n, n)).astype(np.float32) if with_bias else None
   m = amm.modulation_matrix(g)
-  post = amm.amm_attention(q, k, v, m, bias, "post_softmax")
-  logb = amm.amm_attention(q, k, v, m, bias, "log_bias")
-  np.testing.assert_allclose(np.asarray(logb), np.asarray(post), atol=5e-6, rtol=2e-5)
+  post, logb, plain = (np.asarray(a) for a in jax.jit(lambda q, k, v, b: (
+      amm.amm_attention(q, k, v, m, b, "post_softmax"), amm.amm_attention(q, k, v, m, b, "log_bias"),
+      amm.amm_attention(q, k, v, None, b)))(q, k, v, bias))
+  np.testing.assert_allclose(logb, post, atol=5e-6, rtol=2e-5)
   # and both equal an explicit float64 numpy computation of (softmax(S) * M) V
   s = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64)) / math.sqrt(hd)
   if bias is not None:
@@ -80,63 +81,70 @@ def test_log_bias_equals_post_softmax(g, heads, hd, with_bias):
   p = np.exp(s - s.max(-1, keepdims=True))
   p = p / p.sum(-1, keepdims=True) * m
   ref = np.einsum("bhqk,bkhd->bqhd", p, np.asarray(v, np.float64))
-  np.testing.assert_allclose(np.asarray(post), ref, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(post, ref, atol=2e-5, rtol=1e-4)
   # AMM really changes the result (rows are not renormalised)
-  plain = amm.amm_attention(q, k, v, None, bias)
-  assert np.abs(np.asarray(plain) - ref).max() > 1e-2
+  assert np.abs(plain - ref).max() > 1e-2
 
 
-def _sit(**kw):
-  return models.build_model("", input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=4,
-                            num_heads=2, num_classes=5, **kw)
+def _sit(depth=4, **kw):
+  return models.build_model("", input_size=8, in_channels=4, patch_size=2, hidden_size=32,
+                            depth=depth, num_heads=2, num_classes=5, **kw)
 
 
 @pytest.fixture(scope="module")
 def sit_params():
-  return models.init_params(_sit(), jax.random.key(0))
-
-
-def _perturb(params, key=3):
-  leaves, tree = jax.tree.flatten(params)
-  ks = jax.random.split(jax.random.key(key), len(leaves))
-  return jax.tree.unflatten(tree, [l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, ks)])
+  """Random parameters of the depth-2 `_sit`, every leaf N(0, 0.1) (nonzero adaLN gates), drawn
+  on the host from the abstract shapes (a compiled init or per-leaf jax.random calls would
+  compile one random program per parameter shape)."""
+  rng = np.random.default_rng(3)
+  return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype),
+                      models.abstract_params(_sit(2)))
 
 
 def test_sit_amm_sampling_only_and_modes(sit_params):
-  p = _perturb(sit_params)
+  """Depth 2, AMM named on blocks 0 and 1 or on block 1 alone; all forwards in one program."""
+  p = sit_params
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
   t, y = jnp.array([0.3, 0.8]), jnp.array([1, 4])
-  base = np.asarray(_sit().apply({"params": p}, x, t, y))
-  on = _sit(amm_layers="1,3")
-  out = np.asarray(on.apply({"params": p}, x, t, y))
-  assert np.abs(out - base).max() > 1e-3                       # AMM acts at sampling
-  lb = np.asarray(_sit(amm_layers="1,3", amm_mode="log_bias").apply({"params": p}, x, t, y))
-  np.testing.assert_allclose(lb, out, atol=2e-5)
   rngs = {"label_dropout": jax.random.key(0)}
-  tr = on.apply({"params": p}, x, t, y, train=True, rngs=rngs)
-  tr0 = _sit().apply({"params": p}, x, t, y, train=True, rngs=rngs)
-  np.testing.assert_array_equal(np.asarray(tr), np.asarray(tr0))  # and never in training
-  tr1 = _sit(amm_layers="1,3", amm_in_train=True).apply({"params": p}, x, t, y, train=True, rngs=rngs)
-  assert np.abs(np.asarray(tr1) - np.asarray(tr0)).max() > 1e-3
-  # the AMM blocks are the named ones: AMM on block 1 only differs from blocks 1,3
-  one = np.asarray(_sit(amm_layers=[1]).apply({"params": p}, x, t, y))
+  runs = {  # name: (model, train)
+      "base": (_sit(2), False), "on": (_sit(2, amm_layers="0,1"), False),
+      "lb": (_sit(2, amm_layers="0,1", amm_mode="log_bias"), False),
+      "tr": (_sit(2, amm_layers="0,1"), True), "tr0": (_sit(2), True),
+      "tr1": (_sit(2, amm_layers="0,1", amm_in_train=True), True),
+      "one": (_sit(2, amm_layers=[1]), False)}
+  r = jax.tree.map(np.asarray, jax.jit(lambda p: {
+      k: m.apply({"params": p}, x, t, y, train=tr, rngs=rngs) for k, (m, tr) in runs.items()})(p))
+  base, out = r["base"], r["on"]
+  assert np.abs(out - base).max() > 1e-3                       # AMM acts at sampling
+  np.testing.assert_allclose(r["lb"], out, atol=2e-5)
+  np.testing.assert_array_equal(r["tr"], r["tr0"])             # and never in training
+  assert np.abs(r["tr1"] - r["tr0"]).max() > 1e-3
+  # the AMM blocks are the named ones: AMM on block 1 only differs from blocks 0,1
+  one = r["one"]
   assert np.abs(one - out).max() > 1e-4 and np.abs(one - base).max() > 1e-4
 
 
 def test_sit_amm_equals_manual_block(sit_params):
   """Block 0 with AMM = x + gate * proj((softmax(S) * M) V) computed by hand."""
-  p = _perturb(sit_params)
-  model = _sit(amm_layers="0")
+  p = sit_params
+  model = _sit(2, amm_layers="0")
   x = jax.random.normal(jax.random.key(2), (1, 8, 8, 4))
   t, y = jnp.array([0.5]), jnp.array([2])
-  _, inter = model.apply({"params": p}, x, t, y, capture_intermediates=True,
-                         mutable=["intermediates"])
-  got = np.asarray(inter["intermediates"]["blocks_0"]["attn"]["__call__"][0])
+
+  @jax.jit
+  def run(p):
+    _, inter = model.apply({"params": p}, x, t, y, capture_intermediates=True,
+                           mutable=["intermediates"])
+    return (inter["intermediates"]["blocks_0"]["attn"]["__call__"][0],
+            model.apply({"params": p}, x, method=lambda m, xx: m.x_embedder(xx)),
+            model.apply({"params": p}, t, y,
+                        method=lambda m, tt, yy: m.t_embedder(tt) + m.y_embedder(yy)))
+
+  got, h, c = (np.asarray(a) for a in run(p))
   # recompute the attention input: the block's modulated, normed input
   blk = p["blocks_0"]
-  h = np.asarray(model.apply({"params": p}, x, method=lambda m, xx: m.x_embedder(xx)))
   h = h + models.sincos_pos_embed(32, 4)[None]
-  c = np.asarray(model.apply({"params": p}, t, y, method=lambda m, tt, yy: m.t_embedder(tt) + m.y_embedder(yy)))
   mod = (c * (1 / (1 + np.exp(-c)))) @ np.asarray(blk["adaLN_modulation_1"]["kernel"]) + np.asarray(blk["adaLN_modulation_1"]["bias"])
   shift, scale = mod[:, :32], mod[:, 32:64]
   hn = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)

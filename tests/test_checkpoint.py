@@ -196,3 +196,42 @@ def test_init_from_lower_resolution_workdir(saved, tmp_path, caplog):
                                 np.asarray(old_ema["blocks_0"]["attn"]["an_bias"]))
   np.testing.assert_array_equal(np.asarray(new.params["blocks_0"]["mlp"]["fc2"]["kernel"]),
                                 np.asarray(old_ema["blocks_0"]["mlp"]["fc2"]["kernel"]))
+
+
+def test_replica_parallel_saving_only_for_large_slices(tmp_path):
+  """Replicated arrays: a small one is written by one replica without slicing it on device (no
+  compilation: orbax's replica-parallel default compiles a slice program per shape and replica);
+  one whose per-replica slice reaches REPLICA_PARALLEL_MIN_SLICE_BYTES is still split over the 8
+  replicas. Both restore exactly."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  big_rows = 8 * checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES // (4 * 128)  # 1 slice = the minimum
+  tree = {"small": np.arange(3 * 40, dtype=np.float32).reshape(3, 40),
+          "big": np.arange(big_rows * 128, dtype=np.float32).reshape(big_rows, 128)}
+  compiled = []
+
+  class Log(logging.Handler):
+    def emit(self, rec):
+      if "Finished XLA compilation" in rec.getMessage():
+        compiled.append(rec.getMessage())
+
+  ck = checkpoint.Checkpointer(tmp_path / "ck", async_save=False)
+  for name, want_slices in (("small", False), ("big", True)):
+    arr = jax.device_put(tree[name], repl)
+    handler, loggers = Log(), [logging.getLogger(n) for n in ("jax._src.interpreters.pxla",
+                                                               "jax._src.dispatch")]
+    compiled.clear()
+    for lg in loggers:
+      lg.addHandler(handler)
+    try:
+      with jax.log_compiles():
+        ck.save(len(name), {name: arr}, {"step": len(name)})
+        ck.wait()
+    finally:
+      for lg in loggers:
+        lg.removeHandler(handler)
+    assert any("slice" in m for m in compiled) == want_slices, (name, compiled)
+    got = ck.manager.restore(len(name), args=checkpoint.ocp.args.Composite(
+        state=checkpoint.ocp.args.StandardRestore({name: arr})))["state"][name]
+    np.testing.assert_array_equal(np.asarray(got), tree[name])
+  ck.close()

@@ -182,3 +182,18 @@ def test_allocator_throughput_table_is_the_summary_of_its_jsons():
   off = next(r for r in rows if r["model"] == "current" and r["allocator settings"] != "applied")
   assert f"({off['first row / this']}x the\nquickstart's training throughput" in (
       ROOT / "README.md").read_text()
+
+
+def test_compile_flags_table_matches_json():
+  """docs/benchmarks.md's test-suite compile-flags table is benchmarks/compile_flags.py's JSON,
+  and conftest.py sets the flags of its last row."""
+  rows = _json("compile_flags.json")["rows"]
+  doc = _table_after(_doc("benchmarks.md"), "## Test-suite compile time")
+  cols = ["compile total s", "compile speed-up", "gradient run n=0 ms", "gradient run n=4 ms",
+          "grad max rel diff vs default"]
+  assert [r["flags"] for r in doc] == [r["flags"] for r in rows]
+  for d, r in zip(doc, rows):
+    for c in cols:
+      assert float(d[c]) == pytest.approx(r[c]), (r["flags"], c)
+  conftest = (ROOT / "tests" / "conftest.py").read_text()
+  assert f'TEST_XLA_FLAGS = "{rows[-1]["XLA_FLAGS"]}"' in conftest

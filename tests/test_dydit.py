@@ -1,6 +1,8 @@
 """DyDiT model behaviour on configurations other than the golden's: all gates on = the base model
 bit for bit, the FLOPs ratio, Gumbel-sigmoid gates, magnitude reordering, weight slicing and
 capacity-bounded token skipping."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,18 +15,36 @@ KEY = jax.random.key(0)
 
 
 def base_model(mediator_num=0, **kw):
-  cfg = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3,
+  cfg = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4,
              num_classes=5, learn_sigma=True, mediator_num=mediator_num)
   cfg.update(kw)
   return models.build_model(None, **cfg)
 
 
 def noisy(params, scale=0.1, seed=1):
-  """Perturb every tensor (adaLN-Zero init alone makes the blocks identities)."""
+  """Perturb every tensor (adaLN-Zero init alone makes the blocks identities). The noise is
+  numpy's (seeded): jax.random compiles a threefry program per tensor shape, ~10 s of XLA:CPU
+  compilation for each new model."""
   leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      tree, [a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_unflatten(tree, [jnp.asarray(
+      np.asarray(a) + np.float32(scale) * rng.standard_normal(np.shape(a), np.float32), a.dtype)
+      for a in leaves])
+
+
+@functools.lru_cache(maxsize=None)
+def init(model, seed=0):
+  """models.init_params(model, key(seed)), computed once per model and seed in this module (each
+  call of init_params traces and compiles the init again)."""
+  return models.init_params(model, jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def dydit64(mediator_num):
+  """The DyDiT of base_model (D = 64, 4 heads, depth 2) shared by most tests (one init program per
+  mediator setting), and its perturbed parameters (noise 0.1)."""
+  dy = dydit.from_sit(base_model(mediator_num))
+  return dy, noisy(init(dy), 0.1)
 
 
 def inputs(model, batch=3, seed=2):
@@ -33,14 +53,38 @@ def inputs(model, batch=3, seed=2):
   return x, jnp.linspace(0.05, 0.95, batch), jnp.arange(batch) % model.num_classes
 
 
-def apply(model, variables, x, t, y, **kw):
-  """Jitted model.apply (eager flax is slow on a loaded CPU)."""
-  return jax.jit(lambda v, x, t, y: model.apply(v, x, t, y, **kw))(variables, x, t, y)
+_JITTED = {}
+
+
+def jitted(key, make):
+  """One jitted function per key, reused across calls and tests (a fresh `jax.jit(lambda ...)`
+  per call traces and compiles again)."""
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(make())
+  return _JITTED[key]
+
+
+def apply(model, variables, x, t, y, unit_gates=None, **kw):
+  """Jitted model.apply (eager flax is slow on a loaded CPU); one program per model and options.
+  unit_gates (segment models) is a traced argument."""
+  def make():
+    def f(v, x, t, y, g):
+      return model.apply(v, x, t, y, **kw, **({} if g is None else {"unit_gates": g}))
+    return f
+  return jitted(("apply", model, tuple(sorted(kw.items()))), make)(variables, x, t, y, unit_gates)
 
 
 def with_gates(model, variables, x, t, y):
-  return jax.jit(lambda v, x, t, y: dydit.forward_with_gates(model, v, x, t, y))(
-      variables, x, t, y)
+  f = jitted(("with_gates", model),
+             lambda: lambda v, x, t, y: dydit.forward_with_gates(model, v, x, t, y))
+  return f(variables, x, t, y)
+
+
+def slice_vars(model, variables, hidx, gidx):
+  """Jitted dydit.slice_variables (the index arrays are traced: one program per shape)."""
+  f = jitted(("slice", model), lambda: lambda v, h, g: dydit.slice_variables(model, v, h, g))
+  return f(variables, [jnp.asarray(i, jnp.int32) for i in hidx],
+           [jnp.asarray(i, jnp.int32) for i in gidx])
 
 
 def set_routers(params, depth, heads_on, groups_on, forced=True, token_bias=None):
@@ -60,7 +104,7 @@ def set_routers(params, depth, heads_on, groups_on, forced=True, token_bias=None
 @pytest.mark.parametrize("mediator_num", [0, 4])
 def test_all_gates_on_equals_base_bit_for_bit(mediator_num):
   base = base_model(mediator_num)
-  bp = noisy(models.init_params(base, KEY))
+  bp = noisy(init(base))
   dy = dydit.from_sit(base)
   dp = dydit.init_from_base(dy, bp, jax.random.key(5))
   x, t, y = inputs(base)
@@ -79,17 +123,16 @@ def test_all_gates_on_equals_base_bit_for_bit(mediator_num):
 
 
 def test_fresh_routers_start_on():
-  dy = dydit.from_sit(base_model(hidden_size=64, num_heads=4))
-  p = models.init_params(dy, KEY)
+  dy, _ = dydit64(0)
+  p = init(dy)
   blk = p["blocks_1"]
   assert blk["attn_rate"]["router"]["kernel"].shape == (64, 3)
   np.testing.assert_array_equal(blk["attn_rate"]["router"]["bias"], np.full(3, 15.0))
   np.testing.assert_array_equal(blk["mlp_rate"]["router"]["bias"], np.full(3, 15.0))
   np.testing.assert_array_equal(blk["token_selection"]["mlp_head_2"]["bias"], [35.0])
   assert blk["token_selection"]["mlp_head_0"]["kernel"].shape == (64, 4)
-  # the first release's format: H outputs
-  p_all = models.init_params(dydit.from_sit(base_model(hidden_size=64, num_heads=4),
-                                            router_format="all"), KEY)
+  # the first release's format: H outputs (shapes only)
+  p_all = models.abstract_params(dydit.from_sit(base_model(), router_format="all"))
   assert p_all["blocks_0"]["mlp_rate"]["router"]["kernel"].shape == (64, 4)
 
 
@@ -144,17 +187,19 @@ def test_gumbel_sigmoid_gates():
 
 def test_training_gates_use_the_gumbel_stream():
   dy = dydit.from_sit(base_model())
-  p = noisy(models.init_params(dy, KEY), 0.05)
+  p = noisy(init(dy), 0.05)
   p = jax.tree_util.tree_map_with_path(
       lambda path, a: a * 0 if "bias" in jax.tree_util.keystr(path) and (
           "router" in jax.tree_util.keystr(path) or "mlp_head_2" in jax.tree_util.keystr(path))
       else a, p)
   x, t, y = inputs(dy)
 
+  # one program, the Gumbel key an argument
+  fwd = jax.jit(lambda v, k: dydit.forward_with_gates(
+      dy, v, x, t, y, train=True, rngs={"gumbel": k, "label_dropout": jax.random.key(0)})[1])
+
   def run(seed):
-    rngs = {"gumbel": jax.random.key(seed), "label_dropout": jax.random.key(0)}
-    return jax.jit(lambda v: dydit.forward_with_gates(dy, v, x, t, y, train=True, rngs=rngs))(
-        {"params": p})[1]
+    return fwd({"params": p}, jax.random.key(seed))
 
   a, b = run(1), run(2)
   assert any(bool(jnp.any(a[k] != b[k])) for k in ("head", "group", "token"))
@@ -166,7 +211,7 @@ def test_gate_noise_zero_gives_the_evaluation_masks():
   """gate_noise = 0 (the end of `gate_noise_decay_*`): the training gates are the evaluation
   masks (whatever the Gumbel key) and keep the straight-through gradient; noise 1 differs."""
   dy = dydit.from_sit(base_model())
-  p = noisy(models.init_params(dy, KEY), 0.05)
+  p = noisy(init(dy), 0.05)
   p = jax.tree_util.tree_map_with_path(
       lambda path, a: a * 0 + 0.3 if "bias" in jax.tree_util.keystr(path) and (
           "router" in jax.tree_util.keystr(path) or "mlp_head_2" in jax.tree_util.keystr(path))
@@ -174,10 +219,13 @@ def test_gate_noise_zero_gives_the_evaluation_masks():
   x, t, y = inputs(dy)
   ev = dydit.forward_with_gates(dy, {"params": p}, x, t, y)[1]
 
+  # one program: the Gumbel key and the noise scale (traced) are arguments
+  fwd = jax.jit(lambda v, k, noise: dydit.forward_with_gates(
+      dy, v, x, t, y, train=True, rngs={"gumbel": k, "label_dropout": jax.random.key(0)},
+      gate_noise=noise)[1])
+
   def run(seed, noise):
-    rngs = {"gumbel": jax.random.key(seed), "label_dropout": jax.random.key(0)}
-    return jax.jit(lambda v: dydit.forward_with_gates(dy, v, x, t, y, train=True, rngs=rngs,
-                                                      gate_noise=noise))({"params": p})[1]
+    return fwd({"params": p}, jax.random.key(seed), jnp.float32(noise))
 
   for seed in (1, 2):
     g = run(seed, jnp.float32(0.0))
@@ -194,8 +242,7 @@ def test_gate_noise_zero_gives_the_evaluation_masks():
 
 @pytest.mark.parametrize("mediator_num", [0, 4])
 def test_magnitude_reordering_preserves_the_function(mediator_num):
-  dy = dydit.from_sit(base_model(mediator_num, hidden_size=64, num_heads=4))
-  p = noisy(models.init_params(dy, KEY), 0.1)
+  dy, p = dydit64(mediator_num)
   x, t, y = inputs(dy)
   ref = np.asarray(apply(dy, {"params": p}, x, t, y, complete_model=True))
   q, (hp, gp) = dydit.reorder_units(dy, p)
@@ -212,8 +259,7 @@ def test_magnitude_reordering_preserves_the_function(mediator_num):
 @pytest.mark.parametrize("mediator_num", [0, 4])
 def test_sliced_segment_model_equals_dense_masks(mediator_num):
   """A narrowed segment model on gathered weights computes the dense model with those masks."""
-  dy = dydit.from_sit(base_model(mediator_num, hidden_size=64, num_heads=4, depth=2))
-  p = noisy(models.init_params(dy, KEY), 0.1)
+  dy, p = dydit64(mediator_num)
   heads = [[1, 0, 1, 1], [1, 1, 0, 0]]
   groups = [[1, 1, 0, 1], [1, 0, 0, 0]]
   p = set_routers(p, 2, heads, groups, token_bias=0.0)
@@ -224,29 +270,28 @@ def test_sliced_segment_model_equals_dense_masks(mediator_num):
   hidx = [np.nonzero(h)[0] for h in heads]
   gidx = [np.nonzero(g)[0] for g in groups]
   seg = dy.clone(segment=tuple((len(h), len(g), 0) for h, g in zip(hidx, gidx)))
-  sv = jax.jit(lambda v: dydit.slice_variables(dy, v, hidx, gidx))(variables)
+  sv = slice_vars(dy, variables, hidx, gidx)
   assert sv["params"]["blocks_1"]["attn"]["qkv"]["kernel"].shape == (64, 3 * 2 * 16)
   assert sv["params"]["blocks_1"]["mlp"]["fc1"]["kernel"].shape == (64, 64)
   assert "attn_rate" not in sv["params"]["blocks_0"]
   got = apply(seg, sv, x, t, y)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
   # from the raw parameters too (mediator position tables sliced, not the cached biases)
-  sp = jax.jit(lambda v: dydit.slice_variables(dy, v, hidx, gidx))({"params": p})
+  sp = slice_vars(dy, {"params": p}, hidx, gidx)
   np.testing.assert_allclose(np.asarray(apply(seg, sp, x, t, y)), np.asarray(want), atol=2e-6,
                              rtol=1e-5)
   # padding units with gate 0 (bucketed signature) change nothing
   hpad = [np.concatenate([h, np.nonzero(np.asarray(hh) == 0)[0][:1]]) for h, hh in
           zip(hidx, heads)]
   seg2 = dy.clone(segment=tuple((len(h), len(g), 0) for h, g in zip(hpad, gidx)))
-  sv2 = jax.jit(lambda v: dydit.slice_variables(dy, v, hpad, gidx))(variables)
+  sv2 = slice_vars(dy, variables, hpad, gidx)
   gates2 = [(np.r_[np.ones(len(h) - 1), 0.0], np.ones(len(g))) for h, g in zip(hpad, gidx)]
   got2 = apply(seg2, sv2, x, t, y, unit_gates=gates2)
   np.testing.assert_allclose(np.asarray(got2), np.asarray(want), atol=2e-6, rtol=1e-5)
 
 
 def test_token_capacity_gather_scatter_and_dense_fallback():
-  dy = dydit.from_sit(base_model(hidden_size=64, num_heads=4))
-  p = noisy(models.init_params(dy, KEY), 0.1)
+  dy, p = dydit64(0)
   full = [[1, 1, 1, 1]] * 2
   p = set_routers(p, 2, full, full, token_bias=0.0)
   x, t, y = inputs(dy, batch=4)
@@ -255,7 +300,7 @@ def test_token_capacity_gather_scatter_and_dense_fallback():
   rows = 4 * dy.num_tokens
   assert 0.2 * rows < active.min() and active.max() < rows and active.min() < active.max() - 4
   idx = [np.arange(4)] * 2
-  sv = jax.jit(lambda v: dydit.slice_variables(dy, v, idx, idx))({"params": p})
+  sv = slice_vars(dy, {"params": p}, idx, idx)
   # both layers sparse; one sparse and one overflowing (dense fallback); both overflowing
   for cap in (int(active.max()), int(active.min() + active.max()) // 2, int(active.min()) - 3):
     seg = dy.clone(segment=((4, 4, cap), (4, 4, cap)))
@@ -279,6 +324,6 @@ def test_model_config_round_trip_and_errors():
     dydit.from_sit(base_model(), segment=((1, 1, 0),))
   with pytest.raises(ValueError, match="heads and groups must be in"):
     dydit.from_sit(base_model(), segment=((0, 1, 0), (1, 1, 0)))
-  dy2 = dydit.from_sit(base_model())
-  with pytest.raises(ValueError, match="base params do not fit"):
-    dydit.init_from_base(dy2, models.init_params(base_model(hidden_size=24), KEY), KEY)
+  dy2, _ = dydit64(0)
+  with pytest.raises(ValueError, match="base params do not fit"):  # shapes only: no init to run
+    dydit.init_from_base(dy2, models.abstract_params(base_model(hidden_size=24)), KEY)

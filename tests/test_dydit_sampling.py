@@ -39,7 +39,8 @@ def make_model(mediator_num=0, depth=2, seed=0, learn_sigma=False, t_max=1.0):
     return a
 
   p = jax.tree_util.tree_map_with_path(perturb, p)
-  _, _, la, lm = m.apply({"params": p}, jnp.linspace(0, t_max, 64), method=dydit.DyDiT.route)
+  _, _, la, lm = jax.jit(lambda v, t: m.apply(v, t, method=dydit.DyDiT.route))(
+      {"params": p}, jnp.linspace(0, t_max, 64))  # jitted: one program, not one per op
   for i in range(depth):
     for r, lg in (("attn_rate", la), ("mlp_rate", lm)):
       centre = np.asarray(lg[:, i]).mean(0)
@@ -58,19 +59,44 @@ def dense(m, p, cfg, x0, y, rng=None, **kw):
   return np.asarray(jax.jit(samplers.make_sample_fn(m, T, cfg, **kw))(p, x0, y, rng).x)
 
 
+def first_sample_events(sp, x0, y):
+  """Compilation / tracing / lowering events seen while a sampler's first sample() call runs, and
+  (the control) while an uncompiled jitted function runs in the same listening window."""
+  events, control = [], []
+  log = events
+
+  def listener(event, *args, **kwargs):
+    if "compil" in event or "trace" in event or "lower" in event:
+      log.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  jax.monitoring.register_event_listener(listener)
+  try:
+    r = sp.sample(x0, y)
+    jax.block_until_ready(r.x)
+    log = control
+    jax.jit(lambda a: a * 3.0 + 1.0)(jnp.ones(7))
+  finally:
+    jax.monitoring.clear_event_listeners()
+  return events, control
+
+
 @pytest.fixture(scope="module")
 def euler_cfg():
-  """The full pipeline on Euler ODE + CFG: sparse sampler, calibration, capacities, reference."""
+  """The full pipeline on Euler ODE + CFG: sparse sampler, calibration, capacities, reference.
+  6 steps: 4 width signatures, one run of 2 steps. The sampler's FIRST sample() call, right after
+  its construction, is watched for compilation (test_no_compilation_inside_the_sampling_loop)."""
   m, p = make_model()
   x0, y = inputs(m)
-  cfg = samplers.ODEConfig(method="euler", num_steps=7)
+  cfg = samplers.ODEConfig(method="euler", num_steps=6)
   sp = ddy.SparseSampler(m, p, T, cfg, batch_size=B, cfg_scale=2.0)
+  events = first_sample_events(sp, x0, y)
   want = dense(m, p, cfg, x0, y, cfg_scale=2.0)
-  return m, p, x0, y, cfg, sp, want
+  return m, p, x0, y, cfg, sp, want, events
 
 
 def test_sparse_equals_dense_masked_sampler(euler_cfg):
-  m, p, x0, y, cfg, sp, want = euler_cfg
+  m, p, x0, y, cfg, sp, want, _ = euler_cfg
   assert sp.plan.logit_margin > 1e-5  # no mask is decided by float rounding
   assert len(sp.plan.runs) >= 2 and sp.compile_count == sp.plan.num_signatures >= 2
   head = sp.plan.head
@@ -81,7 +107,7 @@ def test_sparse_equals_dense_masked_sampler(euler_cfg):
 
 
 def test_token_capacity_from_calibration(euler_cfg):
-  m, p, x0, y, cfg, sp, want = euler_cfg
+  m, p, x0, y, cfg, sp, want, _ = euler_cfg
   frac = sp.token_activity(x0, y)
   assert frac.shape == sp.plan.head.shape[:3] and 0.2 < frac.mean() < 0.9
   sdt = sp.with_token_capacity(frac)
@@ -99,7 +125,7 @@ def test_per_step_token_capacities(euler_cfg):
   """capacity_levels > 0: each step gets the capacity of its own calibrated fraction (rounded up
   to rows / L), never below it, so no calibrated step overflows; tighter than one capacity per
   width signature (fewer executed FLOPs), and the samples stay the dense-masked ones."""
-  m, p, x0, y, cfg, sp, want = euler_cfg
+  m, p, x0, y, cfg, sp, want, _ = euler_cfg
   frac = sp.token_activity(x0, y)
   # a width run whose first step is busy and the others quiet: one capacity per signature must
   # cover the busy step (here: stays dense), per-step capacities shrink the quiet ones
@@ -130,36 +156,25 @@ def test_per_step_token_capacities(euler_cfg):
 
 def test_no_compilation_inside_the_sampling_loop(euler_cfg):
   """Everything compiles in the constructor: the FIRST sample() call traces and compiles nothing
-  (a fresh sampler at a batch size no other test uses, so no earlier call warmed anything up)."""
-  m, p, x0, y, cfg, _, _ = euler_cfg
-  sp = ddy.SparseSampler(m, p, T, cfg, batch_size=2, cfg_scale=2.0)
+  (the fixture's sampler, watched on the first call after its construction, before any other use,
+  so no earlier call warmed anything up)."""
+  sp, (events, control) = euler_cfg[5], euler_cfg[7]
   assert sp.compile_count == sp.plan.num_signatures == len({r.sig for r in sp.plan.runs}) >= 2
-  events = []
-
-  def listener(event, *args, **kwargs):
-    if "compil" in event or "trace" in event or "lower" in event:
-      events.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  jax.monitoring.register_event_listener(listener)
-  try:
-    r = sp.sample(x0[:2], y[:2])
-    jax.block_until_ready(r.x)
-    assert events == []
-    # a control: an uncompiled jitted call in the same window is seen by the listener
-    jax.jit(lambda a: a * 3.0 + 1.0)(jnp.ones(7))
-    assert events
-  finally:
-    jax.monitoring.clear_event_listeners()
+  assert events == []
+  # a control: an uncompiled jitted call in the same window is seen by the listener
+  assert control
 
 
-CASES = [  # (mediator layers in the sampler: test_dydit.py slices them, incl. the cached biases)
-    ("ode-heun", False, samplers.ODEConfig(method="heun2", num_steps=4), {}),
+# (mediator layers in the sampler: test_dydit.py slices them, incl. the cached biases). Step counts:
+# the fewest with >= 2 width signatures (every signature is one more compiled program); the SDE
+# keeps 5 steps for a 2-step run (the per-step noise index inside a run) besides its last step.
+CASES = [
+    ("ode-heun", False, samplers.ODEConfig(method="heun2", num_steps=3), {}),
     ("sde-euler-cfg", False, samplers.SDEConfig(method="Euler", num_steps=5),
      dict(cfg_scale=3.0, guide_channels=None)),
-    ("ddpm-learned-sigma-cfg", True, gaussian.GaussianSamplerConfig("ddpm", num_steps=5),
+    ("ddpm-learned-sigma-cfg", True, gaussian.GaussianSamplerConfig("ddpm", num_steps=2),
      dict(cfg_scale=2.0)),
-    ("ddim", False, gaussian.GaussianSamplerConfig("ddim", respacing="ddim4"), {}),
+    ("ddim", False, gaussian.GaussianSamplerConfig("ddim", respacing="ddim2"), {}),
 ]
 
 
@@ -188,7 +203,7 @@ def test_sparse_equals_dense_other_samplers(name, sigma, cfg, kw):
 
 
 def test_bucketing_reduces_signatures_and_keeps_results(euler_cfg):
-  m, p, x0, y, cfg, exact, _ = euler_cfg
+  m, p, x0, y, cfg, exact, _, _ = euler_cfg
   coarse = ddy.SparseSampler(m, p, T, cfg, batch_size=B, cfg_scale=2.0, bucket=2)
   assert coarse.plan.num_signatures <= exact.plan.num_signatures
   widths = [w for key in coarse.plan.signatures for ev in key[1] for w in ev]
@@ -216,7 +231,7 @@ def test_all_gates_on_sparse_sampler_equals_base_sampler():
 
 
 def test_sampler_errors(euler_cfg):
-  m, p, x0, y, cfg, sp, _ = euler_cfg
+  m, p, x0, y, cfg, sp, _, _ = euler_cfg
   with pytest.raises(ValueError, match="fixed-step"):
     ddy.SparseSampler(m, p, T, samplers.ODEConfig(method="dopri5"), batch_size=B)
   with pytest.raises(ValueError, match="dense DyDiT"):

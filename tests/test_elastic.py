@@ -38,8 +38,15 @@ def inputs(model, b=2, seed=1):
   return x, jnp.linspace(0.2, 0.8, b), jnp.arange(b, dtype=jnp.int32) % model.num_classes
 
 
+@jax.jit(static_argnums=0)
+def _forward(model, params, x, t, y):
+  return model.apply({"params": params}, x, t, y)
+
+
 def forward(model, params, x, t, y):
-  return np.asarray(jax.jit(lambda p: model.apply({"params": p}, x, t, y))(params))
+  """One jitted forward for the whole file: equal models (e.g. elastic.at(m, 4) twice, or a
+  model and its reloaded copy) share one compilation."""
+  return np.asarray(_forward(model, params, x, t, y))
 
 
 def np_bilinear(table, size):
@@ -225,7 +232,7 @@ def test_mediators_for_step_is_a_pure_function_of_seed_and_step():
 
 
 def test_loss_averages_the_per_n_losses():
-  model = tiny(4, grid=2)
+  model = tiny(4, grid=2, depth=1)
   p = random_params(model, 5, scale=0.3)
   tr = T.create_transport()
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
@@ -629,13 +636,15 @@ def test_elastic_training_uses_the_runs_objective_loss():
   c = train.default_config()
   c.objective = "gaussian"
   c.elastic.mediators = "1,4"
-  sel = elastic.step_selector(c, model, diff, lambda lf: lf,
+  sel = elastic.step_selector(c, model, diff, jax.jit,  # one compiled loss per n-tuple
                               loss_for=lambda m: train.make_loss_fn(c, m, diff))
+  want_fn = {n: jax.jit(gaussian.make_loss_fn(elastic.at(model, n), diff)) for n in (1, 4)}
   x = jax.random.normal(jax.random.key(3), (2, 8, 8, 4))
   y = jnp.array([1, 2], jnp.int32)
+  assert {sel.mediators_at(step) for step in range(4)} == {(1,), (4,)}  # both n are checked
   for step in range(4):
     (n,) = sel.mediators_at(step)
     got, aux = sel(step)(p, x, y, jax.random.key(step))
-    want, _ = gaussian.make_loss_fn(elastic.at(model, n), diff)(p, x, y, jax.random.key(step))
+    want, _ = want_fn[n](p, x, y, jax.random.key(step))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert aux["t"].dtype == jnp.int32  # the Gaussian chain's integer timesteps

@@ -62,13 +62,13 @@ def _assert_close(out, grads, out_r, grads_r, tol):
     assert _rel(g, gr) < tol, f"d{name}: rel err {_rel(g, gr):.2e}"
 
 
-# (B, N, h, hd, n): n in {4, 9, 16, 49, 64}; N in 64..4096, incl. non-block multiples (196, 200).
+# (B, N, h, hd, n): n in {4, 9, 49, 64} here, 16 in the bf16 test; N in 64..1024, incl. non-block
+# multiples (196; 200 in the plan tests); N = 4096 in test_forward_large_n_and_custom_scale.
 F32_CASES = [
     (2, 64, 2, 64, 4),
     (2, 256, 2, 72, 49),
     (3, 196, 1, 64, 9),
     (1, 1024, 1, 72, 64),
-    (1, 4096, 1, 64, 16),
 ]
 
 
@@ -86,7 +86,7 @@ def test_forward_large_n_and_custom_scale():
   assert _rel(out, mediator_attention_reference(*args, scale=0.3)) < 2e-5
 
 
-@pytest.mark.parametrize("shape", [(2, 256, 2, 64, 16), (1, 1024, 1, 72, 49)],
+@pytest.mark.parametrize("shape", [(2, 256, 2, 72, 16)],
                          ids=lambda s: "B{}_N{}_h{}_hd{}_n{}".format(*s))
 def test_forward_and_grads_bf16(shape):
   """bf16 inputs: the kernel's error vs an f32 reference is within the bf16 reference's own."""

@@ -44,9 +44,7 @@ def gaussian_run(tmp_path_factory):
   straight = tmp_path_factory.mktemp("straight")
   r4 = train.train_and_evaluate(tiny_config(4), str(straight))
   resumed = tmp_path_factory.mktemp("resumed")
-  c = tiny_config(2)
-  c.sample.every = 2
-  r2 = train.train_and_evaluate(c, str(resumed))
+  r2 = train.train_and_evaluate(tiny_config(2), str(resumed))
   c = tiny_config(4)
   c.sample.every = 4
   r = train.train_and_evaluate(c, str(resumed))

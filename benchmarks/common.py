@@ -62,3 +62,52 @@ def write_json(path, payload: dict):
   payload = {"device": device_description(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload}
   path.write_text(json.dumps(payload, indent=2))
   print(f"wrote {path}")
+
+
+def layout_rows(name: str, dims: str, fns: dict, args, ct, repeats: int) -> list[dict]:
+  """Two implementations of one function, side by side: forward and forward+backward.
+
+  fns: {label: f} with exactly two entries (the old form first); ct: the cotangent of f's output.
+  Each program is jitted and warmed up, then all are timed interleaved ``repeats`` times (min
+  wall time kept). Returns one row per part with both times, the speed-up old/new and the
+  largest forward difference.
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  (old, f_old), (new, f_new) = fns.items()
+  prog = {}
+  for label, f in fns.items():
+    prog[(label, "fwd")] = jax.jit(f)
+    prog[(label, "fwd+bwd")] = jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1](ct))
+  best = {key: float("inf") for key in prog}
+  for p in prog.values():
+    jax.block_until_ready(p(*args))
+  for _ in range(repeats):
+    for key, p in prog.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(p(*args))
+      best[key] = min(best[key], time.perf_counter() - t0)
+  diff = float(jnp.abs(prog[(old, "fwd")](*args) - prog[(new, "fwd")](*args)).max())
+  return [{"shape": name, dims.split("=")[0]: dims.split("=")[1], "part": part,
+           f"{old} ms": round(1e3 * best[(old, part)], 3),
+           f"{new} ms": round(1e3 * best[(new, part)], 3),
+           "speed-up": round(best[(old, part)] / best[(new, part)], 2), "max |diff|": diff}
+          for part in ("fwd", "fwd+bwd")]
+
+
+def layout_main(argv, doc: str, script: str, default_json: str, run) -> list[dict]:
+  """CLI of a `layout_rows` benchmark: --repeats, --json; prints the table, writes the JSON."""
+  import argparse  # noqa: PLC0415
+  import os  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+  ap.add_argument("--repeats", type=int, default=20)
+  ap.add_argument("--json", default=default_json)
+  args = ap.parse_args(argv)
+  print(device_description())
+  rows = run(args.repeats)
+  print_table(rows, list(rows[0]))
+  if args.json:
+    write_json(args.json, {"command": f"python {script} " + " ".join(argv or sys.argv[1:]),
+                           "load_average": os.getloadavg(), "rows": rows})
+  return rows

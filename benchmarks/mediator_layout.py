@@ -11,10 +11,8 @@ warm-up, the two layouts interleaved; and the largest output difference (bit-ide
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -50,41 +48,13 @@ def run(repeats: int) -> list[dict]:
     args = (q, k, v, m, b1, b2)
     fns = {"btnh": lambda *a: btnh(*a, scale=hd ** -0.5),
            "head-major": lambda *a: mediator_attention_reference(*a, scale=hd ** -0.5)}
-    prog = {}
-    for lay, f in fns.items():
-      prog[(lay, "fwd")] = jax.jit(f)
-      prog[(lay, "fwd+bwd")] = jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1](ct))
-    best = {key: float("inf") for key in prog}
-    for p in prog.values():
-      jax.block_until_ready(p(*args))
-    for _ in range(repeats):
-      for key, p in prog.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(p(*args))
-        best[key] = min(best[key], time.perf_counter() - t0)
-    diff = float(jnp.abs(prog[("btnh", "fwd")](*args) - prog[("head-major", "fwd")](*args)).max())
-    for part in ("fwd", "fwd+bwd"):
-      rows.append({"shape": name, "B,N,h,hd,n": f"{b},{n_tok},{h},{hd},{n}", "part": part,
-                   "btnh ms": round(1e3 * best[("btnh", part)], 3),
-                   "head-major ms": round(1e3 * best[("head-major", part)], 3),
-                   "speed-up": round(best[("btnh", part)] / best[("head-major", part)], 2),
-                   "max |diff|": diff})
+    rows += common.layout_rows(name, f"B,N,h,hd,n={b},{n_tok},{h},{hd},{n}", fns, args, ct, repeats)
   return rows
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--repeats", type=int, default=20)
-  ap.add_argument("--json", default="benchmarks/results/mediator_layout.json")
-  args = ap.parse_args(argv)
-  print(common.device_description())
-  rows = run(args.repeats)
-  common.print_table(rows, list(rows[0]))
-  if args.json:
-    common.write_json(args.json, {
-        "command": "python benchmarks/mediator_layout.py " + " ".join(argv or sys.argv[1:]),
-        "load_average": os.getloadavg(), "rows": rows})
-  return rows
+  return common.layout_main(argv, __doc__, "benchmarks/mediator_layout.py",
+                           "benchmarks/results/mediator_layout.json", run)
 
 
 if __name__ == "__main__":

@@ -356,7 +356,8 @@ def check_config(config, model: models.SiT, example_shape, num_classes: int):
   if model.full_attention_impl == "cudnn" and jax.default_backend() != "gpu":
     raise ConfigError(f"model.full_attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, but this "
                       f"run's backend is {jax.default_backend()}: set "
-                      f"--config.model.full_attention_impl= (empty: XLA attention)")
+                      f"--config.model.full_attention_impl= (empty: automatic, see "
+                      f"edit_jax.models.attention_core)")
   if config.optim.schedule not in ("constant", "cosine", "linear"):
     raise ConfigError(f"optim.schedule={config.optim.schedule!r}: expected constant, cosine or "
                       "linear")

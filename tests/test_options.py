@@ -57,34 +57,42 @@ def test_pallas_mediator_kernel_in_model_matches_xla():
 
 
 def test_full_attention_impl_reaches_dot_product_attention(monkeypatch):
-  """config.model.full_attention_impl is passed to jax.nn.dot_product_attention in every block."""
+  """config.model.full_attention_impl picks the core in every block: "cudnn"/"xla" reach
+  jax.nn.dot_product_attention; empty (automatic) runs the head-major core on this CPU."""
+  from edit_jax.models import attention_core  # noqa: PLC0415
   c = train.default_config()
   c.model.update(dict(name="", input_size=8, in_channels=4, num_classes=10, patch_size=2,
                       hidden_size=32, depth=2, num_heads=2, full_attention_impl="cudnn"))
-  model = train.get_model(c)
   seen = []
   real = jax.nn.dot_product_attention
+  real_hm = attention_core.head_major_attention
 
   def spy(*a, implementation=None, **k):
     seen.append(implementation)
     return real(*a, **k)  # run the XLA path: no cuDNN on the CPU
 
+  def spy_hm(*a, **k):
+    seen.append("head_major")
+    return real_hm(*a, **k)
+
   monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
-  params = models.abstract_params(model)
-  seen.clear()
-  x, t, y = models.dummy_inputs(model, 1)
-  jax.eval_shape(lambda p: model.apply({"params": p}, x, t, y), params)
-  assert seen == ["cudnn", "cudnn"]
-  c.model.full_attention_impl = ""
-  seen.clear()
-  model = train.get_model(c)
-  jax.eval_shape(lambda p: model.apply({"params": p}, x, t, y), params)
-  assert seen == [None, None]
+  monkeypatch.setattr(attention_core, "head_major_attention", spy_hm)
+  x = y = t = params = None
+  for impl, expect in (("cudnn", "cudnn"), ("xla", "xla"), ("head_major", "head_major"),
+                       ("", "head_major")):
+    c.model.full_attention_impl = impl
+    model = train.get_model(c)
+    if params is None:
+      params = models.abstract_params(model)
+      x, t, y = models.dummy_inputs(model, 1)
+    seen.clear()
+    jax.eval_shape(lambda p, m=model: m.apply({"params": p}, x, t, y), params)
+    assert seen == [expect, expect], impl
 
 
 def test_full_attention_impl_errors(tmp_path):
-  with pytest.raises(ValueError, match=r"full_attention_impl='flash': expected None, 'xla' or "
-                                       r"'cudnn'"):
+  with pytest.raises(ValueError, match=r"full_attention_impl='flash': expected one of None "
+                                       r"\(automatic\), 'xla', 'cudnn'.* or 'head_major'"):
     _tiny_model(mediator_num=0, full_attention_impl="flash").validate()
   c = train.default_config()
   c.model.update(dict(name="", input_size=8, in_channels=1, num_classes=4, patch_size=2,

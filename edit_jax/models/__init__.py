@@ -9,7 +9,8 @@
   edt        EDT (NeurIPS 2024): the five-stage U-shaped backbone with token merging, long skips,
              relative-position bias, AMM and the masked training forward (`model.arch = "edt"`).
   amm        EDT's attention modulation matrix, usable in any full-attention block (SiT/DiT too).
-  attention  full attention (`jax.nn.dot_product_attention`) and mediator attention (jnp reference
+  attention  full attention (core in `attention_core`: `jax.nn.dot_product_attention`, or its
+             head-major jnp form, the default on CPU) and mediator attention (jnp reference
              of the official `AttentionWithMediators`; the fused kernel is in `edit_jax.kernels`).
 
 `from edit_jax import models; models.build_model("SiT-S/2", ...)` keeps working: the public names

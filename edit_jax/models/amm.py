@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edit_jax.models import attention_core
+
 MODES = ("post_softmax", "log_bias")
 MASK_VALUE = -1e30  # log(0) stand-in for the log_bias form (exp underflows to exactly 0)
 
@@ -162,10 +164,8 @@ def amm_attention(q, k, v, amm: Optional[np.ndarray], bias=None, mode: str = "po
   """
   check_mode(mode)
   if amm is None:
-    if bias is None:
-      return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype),
-                                        implementation=implementation)
+    return attention_core.dot_product_attention(
+        q, k, v, bias=None if bias is None else bias.astype(q.dtype), implementation=implementation)
   n = q.shape[1]
   if amm.shape != (n, n):
     raise ValueError(f"AMM matrix {amm.shape} does not match {n} tokens")
@@ -176,8 +176,8 @@ def amm_attention(q, k, v, amm: Optional[np.ndarray], bias=None, mode: str = "po
   log_m = np.where(amm > 0, np.log(np.where(amm > 0, amm, 1.0)), MASK_VALUE).astype(np.float32)
   log_m = jnp.asarray(log_m)[None, None]
   full_bias = log_m if bias is None else bias.astype(jnp.float32) + log_m
-  o = jax.nn.dot_product_attention(q, k, v, bias=full_bias.astype(q.dtype),
-                                   implementation=implementation)
+  o = attention_core.dot_product_attention(q, k, v, bias=full_bias.astype(q.dtype),
+                                           implementation=implementation)
   s = _scores(q, k, bias)
   corr = jnp.exp(jax.nn.logsumexp(s + log_m, axis=-1) - jax.nn.logsumexp(s, axis=-1))  # (B,H,N)
   return (o.astype(jnp.float32) * corr.transpose(0, 2, 1)[..., None]).astype(v.dtype)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.kernels.mediator_attention import mediator_attention
+from edit_jax.models import attention_core
 
 Dtype = Any
 CACHE = "mediator_cache"
@@ -205,10 +206,11 @@ def apply_head_gate(o, head_gate):
 
 
 class FullAttention(nn.Module):
-  """timm `Attention(D, heads, qkv_bias=True)` via `jax.nn.dot_product_attention`.
+  """timm `Attention(D, heads, qkv_bias=True)`; the core is `attention_core.dot_product_attention`.
 
-  x: (B, N, D) -> (B, N, D). `implementation` is passed to dot_product_attention (None = XLA,
-  "cudnn" = cuDNN flash attention on GPU). `amm`: None, or EDT's (N, N) attention modulation
+  x: (B, N, D) -> (B, N, D). `implementation`: the core's (None = automatic: the head-major jnp
+  core on CPU, `jax.nn.dot_product_attention` elsewhere; "xla" / "cudnn" = that function's
+  implementation; "head_major"; see `edit_jax.models.attention_core`). `amm`: None, or EDT's (N, N) attention modulation
   matrix (a numpy constant, `edit_jax.models.amm`), applied after the softmax in `amm_mode`
   ("post_softmax" or the equivalent "log_bias" form that keeps dot_product_attention).
   head_dim: per-head width (default D / num_heads). A *narrowed* layer (DyDiT sparse inference,
@@ -234,7 +236,7 @@ class FullAttention(nn.Module):
     q, k, v = jnp.split(qkv.reshape(b, n, 3, h, hd), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     if amm is None:
-      o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+      o = attention_core.dot_product_attention(q, k, v, implementation=self.implementation)
     else:
       o = amm_lib.amm_attention(q, k, v, amm, None, self.amm_mode, self.implementation)
     maybe_sow_attention(self, lambda: amm_lib.attention_probs(q, k, None, amm))

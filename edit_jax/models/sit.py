@@ -27,6 +27,7 @@ import numpy as np
 
 from edit_jax.models import amm as amm_lib
 from edit_jax.models import attention as attn_lib
+from edit_jax.models import attention_core
 
 Dtype = Any
 
@@ -383,7 +384,9 @@ class SiT(PatchGridMixin, nn.Module):
     mediator_num: mediators per mediator layer (0 = standard attention everywhere).
     mediator_layers: which blocks use mediators (see `resolve_mediator_layers`).
     attention_impl: "xla" (jnp reference) or "pallas" (fused kernel) for mediator layers.
-    full_attention_impl: `implementation` for jax.nn.dot_product_attention (None, "xla", "cudnn").
+    full_attention_impl: the full-attention core (edit_jax.models.attention_core): None
+      (automatic: head-major jnp core on CPU, jax.nn.dot_product_attention elsewhere), "xla",
+      "cudnn" (jax.nn.dot_product_attention's implementations) or "head_major".
     amm_layers: blocks that multiply their attention probabilities by EDT's AMM at sampling time
       (train=False; also in training with amm_in_train): None/"none" (off), "official" (the EDT
       code's DiT plug-in list: DiT-XL/2 15,17,19,22,24; DiT-S/2 8,10), "all" (every
@@ -459,9 +462,7 @@ class SiT(PatchGridMixin, nn.Module):
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
     if self.attention_impl not in ("xla", "pallas"):
       raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'pallas'")
-    if self.full_attention_impl not in (None, "xla", "cudnn"):
-      raise ValueError(f"full_attention_impl={self.full_attention_impl!r}: expected None, 'xla' or "
-                       f"'cudnn' (jax.nn.dot_product_attention's implementation)")
+    attention_core.check_implementation(self.full_attention_impl)
     if self.num_classes < 1:
       raise ValueError(f"num_classes={self.num_classes} must be >= 1")
     if self.mediator_num:

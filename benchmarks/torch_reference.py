@@ -33,9 +33,13 @@ if ROOT not in sys.path:
 CASES = {
     "S2": (12, 384, 6, 2, 0, 8),
     "S2-med16": (12, 384, 6, 2, 16, 8),
+    # S2 with the full-attention core of jax.nn.dot_product_attention (the CPU default before the
+    # head-major core, edit_jax.models.attention_core); the PyTorch side is the same as S2
+    "S2-dpa": (12, 384, 6, 2, 0, 8),
     "B2-med64": (12, 768, 12, 2, 64, 8),
 }
 DEFAULT_CASES = ("S2", "S2-med16")
+FULL_ATTENTION_IMPL = {"S2-dpa": "xla"}  # ours; other cases: automatic (None)
 INPUT, CHANNELS, CLASSES = 32, 4, 1000  # 256 px latents
 # Untimed calls per kind on both sides before the rounds (XLA:CPU's heap reaches its steady
 # size within a few steps: edit_jax/hostmem.py).
@@ -246,7 +250,7 @@ class JaxSide:
     c = train.default_config()
     model = models.build_model("", input_size=INPUT, in_channels=CHANNELS, num_classes=CLASSES,
                                hidden_size=d, depth=depth, num_heads=h, patch_size=p,
-                               mediator_num=n)
+                               mediator_num=n, full_attention_impl=FULL_ATTENTION_IMPL.get(case))
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     rules = sharding.rules_from_config(c)
     tx, schedule = train.make_optimizer(c)

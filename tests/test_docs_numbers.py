@@ -197,3 +197,33 @@ def test_compile_flags_table_matches_json():
       assert float(d[c]) == pytest.approx(r[c]), (r["flags"], c)
   conftest = (ROOT / "tests" / "conftest.py").read_text()
   assert f'TEST_XLA_FLAGS = "{rows[-1]["XLA_FLAGS"]}"' in conftest
+
+
+def test_head_major_attention_tables_match_json():
+  """docs/benchmarks.md's third-pass tables (issue 15) are the committed JSONs of
+  benchmarks/attention_core.py, torch_reference.py and matmul_shapes.py."""
+  text = _doc("benchmarks.md")
+  section = text[text.index("### Third pass: the head-major full-attention core"):]
+  attn = _json("attention_core.json")["rows"]
+  doc = _table_after(section, "python benchmarks/attention_core.py")
+  assert [(d["shape"], d["part"]) for d in doc] == [(r["shape"], r["part"]) for r in attn]
+  for d, r in zip(doc, attn):
+    for c in ("dot_product_attention ms", "head-major ms", "speed-up"):
+      assert float(d[c]) == pytest.approx(r[c]), (r["shape"], c)
+  res = _json("torch_reference_head_major.json")["results"]
+  doc = _table_after(section, "torch_reference_head_major.json")
+  assert [(d["case"], d["work"]) for d in doc] == [(r["case"], r["kind"].replace("_", " "))
+                                                   for r in res]
+  for d, r in zip(doc, res):
+    o, t = r["ours"], r["torch"]
+    assert d["ours s (min / median)"] == f"{o['wall_min']:.3f} / {o['wall_median']:.3f}"
+    assert d["PyTorch s (min / median)"] == f"{t['wall_min']:.3f} / {t['wall_median']:.3f}"
+    assert float(d["ours / PyTorch wall"]) == pytest.approx(o["wall_min"] / t["wall_min"], abs=0.006)
+    assert float(d["ours / PyTorch CPU"]) == pytest.approx(o["cpu_min"] / t["cpu_min"], abs=0.006)
+  mm = _json("matmul_shapes.json")["rows"]
+  doc = _table_after(section, "python benchmarks/matmul_shapes.py")
+  assert len(doc) == len(mm)
+  for d, r in zip(doc, mm):
+    assert (d["product"], d["shape"], d["cores"]) == (r["product"], r["shape"], r["cores"])
+    for c in ("XLA:CPU GFLOP/s", "PyTorch GFLOP/s", "XLA / PyTorch"):
+      assert float(d[c]) == pytest.approx(r[c]), (r["product"], c)

@@ -78,3 +78,13 @@ def test_resolve_and_errors():
     assert attention_core.resolve(impl) == impl
   with pytest.raises(ValueError, match=r"full_attention_impl='flash': expected one of None"):
     attention_core.resolve("flash")
+
+
+def test_models_reject_an_unknown_implementation():
+  from edit_jax import models  # noqa: PLC0415
+  for arch, kw in (("sit", dict(input_size=8, in_channels=4, num_classes=4, patch_size=2,
+                                hidden_size=32, depth=1, num_heads=2)),
+                   ("edt", dict(name="EDT-S/2", input_size=8, in_channels=4, num_classes=4))):
+    name = kw.pop("name", "")
+    with pytest.raises(ValueError, match=r"full_attention_impl='flash': expected one of None"):
+      models.build_model(name, arch=arch, full_attention_impl="flash", **kw)

@@ -55,6 +55,7 @@ import numpy as np
 
 from edit_jax.models import amm as amm_lib
 from edit_jax.models import attention as attn_lib
+from edit_jax.models import attention_core
 from edit_jax.models import sit
 
 Dtype = Any
@@ -374,6 +375,7 @@ class EDT(sit.PatchGridMixin, nn.Module):
 
   def validate(self):
     """Raises ValueError naming the bad value and the fix."""
+    attention_core.check_implementation(self.full_attention_impl)
     s = len(self.stage_depths)
     if s < 1 or s % 2 == 0:
       raise ValueError(f"stage_depths={list(self.stage_depths)}: EDT needs an odd number of stages "

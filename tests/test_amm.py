@@ -9,6 +9,7 @@ import pytest
 
 from edit_jax import models
 from edit_jax.models import amm
+from random_params import random_params as _random  # tests/random_params.py
 
 
 def f_of(d, g):
@@ -93,12 +94,8 @@ def _sit(depth=4, **kw):
 
 @pytest.fixture(scope="module")
 def sit_params():
-  """Random parameters of the depth-2 `_sit`, every leaf N(0, 0.1) (nonzero adaLN gates), drawn
-  on the host from the abstract shapes (a compiled init or per-leaf jax.random calls would
-  compile one random program per parameter shape)."""
-  rng = np.random.default_rng(3)
-  return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype),
-                      models.abstract_params(_sit(2)))
+  """Random parameters of the depth-2 `_sit`, every leaf N(0, 0.1) (nonzero adaLN gates)."""
+  return _random(_sit(2), 3, 0.1)
 
 
 def test_sit_amm_sampling_only_and_modes(sit_params):

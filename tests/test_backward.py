@@ -17,6 +17,7 @@ import pytest
 from edit_jax import models, sharding, train
 from edit_jax.diffusion import transport
 from edit_jax.models import attention, sit
+from random_params import random_params as _random  # tests/random_params.py
 
 BATCH = 8
 
@@ -34,12 +35,9 @@ def inputs(model, batch=BATCH):
 
 
 def random_params(model, seed=0):
-  """Parameters with every leaf random: at init the adaLN-Zero gates and the final layer are
-  zero, so all other gradients would vanish and compare equal trivially. Drawn on the host from
-  the abstract shapes: no init or per-shape random-number compilations."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype),
-                      models.abstract_params(model))
+  """Every leaf N(0, 0.1): at init the adaLN-Zero gates and the final layer are zero, so all
+  other gradients would vanish and compare equal trivially."""
+  return _random(model, seed, 0.1)
 
 
 def loss_fn(model):

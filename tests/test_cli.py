@@ -6,13 +6,12 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from edit_jax import cli, convert, models, sample
 from edit_jax.eval import redundancy
+from random_params import random_params as _random  # tests/random_params.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,9 +35,7 @@ def digest(root: pathlib.Path) -> dict:
 def tiny_ckpt(tmp_path_factory):
   model = models.build_model(None, input_size=8, patch_size=2, in_channels=3, hidden_size=32,
                              depth=1, num_heads=2, num_classes=10, mediator_num=4)
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype),
-                                  models.abstract_params(model))
+  params = _random(model, 0, 0.1, as_jax=True)
   root = tmp_path_factory.mktemp("ck")
   convert.save_converted(root / "n4", model, params)
   return str(root / "n4")

@@ -8,6 +8,7 @@ from edit_jax.diffusion import dynamic, guidance, samplers
 
 from edit_jax import flops, models
 from edit_jax.diffusion import transport as T
+from random_params import random_params as _random  # tests/random_params.py
 
 NAN = float("nan")
 
@@ -82,10 +83,7 @@ def tiny(n, **kw):
 
 
 def random_params(model, seed):
-  """N(0, 0.1^2) parameters drawn on the host (a jitted init costs ~10 s of compile on CPU)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype),
-                                models.abstract_params(model))
+  return _random(model, seed, 0.1, as_jax=True)
 
 
 B, STEPS = 4, 20

@@ -11,6 +11,7 @@ import pytest
 
 from edit_jax import checkpoint, convert, flops, models
 from edit_jax.models import amm, edt
+from random_params import random_params as _random  # tests/random_params.py
 
 
 def nhwc(a):
@@ -292,12 +293,8 @@ def test_arbitrary_layouts_jit_and_mask(kw):
 
 
 def _params(m, key=3):
-  """Random parameters of `m`, every leaf N(0, 0.2) (nonzero adaLN gates: every block acts),
-  drawn on the host from the abstract shapes: a compiled init or per-leaf jax.random calls would
-  compile one random program per parameter shape, which dominated these tests."""
-  rng = np.random.default_rng(key)
-  return jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype),
-                      models.abstract_params(m))
+  """Every leaf N(0, 0.2) (nonzero adaLN gates: every block acts)."""
+  return _random(m, key, 0.2)
 
 
 def test_downsample_mask_zeroes_exactly_the_masked_fine_tokens():

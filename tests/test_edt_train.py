@@ -13,6 +13,7 @@ import pytest
 from edit_jax import convert, models, optim, sample, sharding, train
 from edit_jax.diffusion import masked, transport
 from edit_jax.models import edt
+from random_params import random_params as _random  # tests/random_params.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,12 +44,8 @@ def tiny_config(**over):
 
 
 def _params(model, seed=0):
-  """Random parameters, every leaf N(0, 0.1) (nonzero adaLN gates), drawn on the host from the
-  abstract shapes: a compiled init and per-leaf jax.random calls compile one random program per
-  parameter shape, which cost more than the losses under test."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype),
-                      models.abstract_params(model))
+  """Every leaf N(0, 0.1) (nonzero adaLN gates)."""
+  return _random(model, seed, 0.1)
 
 
 def load_config(path, preset):
@@ -210,9 +207,7 @@ def edt_ckpt(tmp_path_factory):
   m = models.build_model("", arch="edt", input_size=8, patch_size=2, in_channels=3,
                          stage_depths=(1, 1, 1), stage_dims=(16, 24, 16), stage_heads=(2, 2, 2),
                          num_classes=10)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype),
-                        models.abstract_params(m))
+  params = _random(m, 0, 0.2, as_jax=True)
   d = tmp_path_factory.mktemp("edt") / "c"
   convert.save_converted(d, m, params)
   return str(d)

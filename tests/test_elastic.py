@@ -16,6 +16,7 @@ import pytest
 from edit_jax import checkpoint, convert, elastic, flops, models, sample, sharding, train
 from edit_jax.diffusion import dynamic, samplers
 from edit_jax.diffusion import transport as T
+from random_params import random_params as _random  # tests/random_params.py
 
 
 def tiny(n=4, grid=0, **kw):
@@ -26,10 +27,8 @@ def tiny(n=4, grid=0, **kw):
 
 
 def random_params(model, seed, scale=0.3):
-  """Host-drawn parameters (non-zero everywhere, so the output depends on every table)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, scale, s.shape), s.dtype),
-                                models.abstract_params(model))
+  """Non-zero everywhere, so the output depends on every table."""
+  return _random(model, seed, scale, as_jax=True)
 
 
 def inputs(model, b=2, seed=1):

@@ -10,6 +10,7 @@ import pytest
 
 from edit_jax import models
 from edit_jax.diffusion import gaussian as G
+from random_params import random_params as _random  # tests/random_params.py
 
 CHAINS = [  # (base steps, schedule, respacing)
     (1000, "linear", "ddim25"),
@@ -344,9 +345,7 @@ def tiny_model(learn_sigma=True, **kw):
 def test_make_loss_fn_for_the_trainer(learn_sigma):
   model = tiny_model(learn_sigma)
   d = G.create_diffusion("", learn_sigma=learn_sigma, diffusion_steps=50)
-  rng = np.random.default_rng(1)  # random weights (the adaLN-Zero init outputs zeros)
-  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape), s.dtype),
-                        models.abstract_params(model))
+  params = _random(model, 1, 0.05, as_jax=True)  # random weights (adaLN-Zero init outputs zeros)
   loss_fn = G.make_loss_fn(model, d)
   x = jax.random.uniform(jax.random.key(2), (16, 8, 8, 1), minval=-1, maxval=1)
   y = jnp.arange(16) % 3

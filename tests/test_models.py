@@ -8,6 +8,7 @@ import pytest
 
 from edit_jax import models
 from edit_jax.models import attention
+from random_params import random_params as _random  # tests/random_params.py
 
 # (name, mediator_num) -> trainable params at 256 px (spec: "all" minus the 256*D frozen pos_embed).
 PARAM_COUNTS = {
@@ -23,11 +24,9 @@ PARAM_COUNTS = {
 
 
 def _random_params(model, seed=0, scale=0.05):
-  """Host-drawn parameters, non-zero everywhere (adaLN gates and the final layer included, so the
-  output depends on every weight); no init compile."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.normal(0, scale, s.shape).astype(np.float32),
-                      models.abstract_params(model))
+  """Non-zero everywhere (adaLN gates and the final layer included, so the output depends on
+  every weight)."""
+  return _random(model, seed, scale)
 
 
 @pytest.mark.parametrize("name,n", sorted(PARAM_COUNTS))

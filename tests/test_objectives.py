@@ -11,6 +11,7 @@ import pytest
 
 from edit_jax import checkpoint, convert, flops, models, sample, train
 from edit_jax.diffusion import dynamic, gaussian
+from random_params import random_params as _random  # tests/random_params.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -153,9 +154,7 @@ def tiny(n=0, **kw):
 
 
 def random_params(model, seed):
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype),
-                                models.abstract_params(model))
+  return _random(model, seed, 0.1, as_jax=True)
 
 
 @pytest.fixture(scope="module")

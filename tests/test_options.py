@@ -9,6 +9,7 @@ import pytest
 
 from edit_jax import data, models, sharding, train
 from edit_jax.diffusion import transport
+from random_params import random_params as _random  # tests/random_params.py
 
 
 # ----------------------------------------------------------------------------- attention options
@@ -20,11 +21,8 @@ def _tiny_model(**kw):
 
 
 def _perturbed_params(model, seed=0, scale=0.05):
-  """Random weights (numpy on the abstract shapes: no init or per-shape compilations) so that
-  every block gets gradients."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: (scale * rng.standard_normal(a.shape)).astype(np.float32),
-                      models.abstract_params(model))
+  """Random weights so that every block gets gradients."""
+  return _random(model, seed, scale)
 
 
 def test_pallas_mediator_kernel_in_model_matches_xla():

@@ -11,6 +11,7 @@ warm-up, the two interleaved; and the largest output difference.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -36,9 +37,11 @@ def run(repeats: int) -> list[dict]:
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v, ct = (jax.random.normal(kk, (b, n_tok, h, hd)) for kk in ks)
     args = (q, k, v)
-    fns = {"dot_product_attention": lambda *a: jax.nn.dot_product_attention(*a, implementation="xla"),
+    dpa = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+    fns = {"dot_product_attention": dpa,
            "head-major": attention_core.head_major_attention}
-    rows += common.layout_rows(name, f"B,N,h,hd={b},{n_tok},{h},{hd}", fns, args, ct, repeats)
+    dims = ("B,N,h,hd", f"{b},{n_tok},{h},{hd}")
+    rows += common.layout_rows(name, dims, fns, args, ct, repeats)
   return rows
 
 

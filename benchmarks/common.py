@@ -64,10 +64,12 @@ def write_json(path, payload: dict):
   print(f"wrote {path}")
 
 
-def layout_rows(name: str, dims: str, fns: dict, args, ct, repeats: int) -> list[dict]:
+def layout_rows(name: str, dims: tuple[str, str], fns: dict, args, ct,
+                repeats: int) -> list[dict]:
   """Two implementations of one function, side by side: forward and forward+backward.
 
-  fns: {label: f} with exactly two entries (the old form first); ct: the cotangent of f's output.
+  dims: (column name, value), e.g. ("B,N,h,hd", "8,256,6,64"); fns: {label: f} with exactly two
+  entries (the old form first); ct: the cotangent of f's output.
   Each program is jitted and warmed up, then all are timed interleaved ``repeats`` times (min
   wall time kept). Returns one row per part with both times, the speed-up old/new and the
   largest forward difference.
@@ -88,7 +90,7 @@ def layout_rows(name: str, dims: str, fns: dict, args, ct, repeats: int) -> list
       jax.block_until_ready(p(*args))
       best[key] = min(best[key], time.perf_counter() - t0)
   diff = float(jnp.abs(prog[(old, "fwd")](*args) - prog[(new, "fwd")](*args)).max())
-  return [{"shape": name, dims.split("=")[0]: dims.split("=")[1], "part": part,
+  return [{"shape": name, dims[0]: dims[1], "part": part,
            f"{old} ms": round(1e3 * best[(old, part)], 3),
            f"{new} ms": round(1e3 * best[(new, part)], 3),
            "speed-up": round(best[(old, part)] / best[(new, part)], 2), "max |diff|": diff}

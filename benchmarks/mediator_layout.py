@@ -48,7 +48,8 @@ def run(repeats: int) -> list[dict]:
     args = (q, k, v, m, b1, b2)
     fns = {"btnh": lambda *a: btnh(*a, scale=hd ** -0.5),
            "head-major": lambda *a: mediator_attention_reference(*a, scale=hd ** -0.5)}
-    rows += common.layout_rows(name, f"B,N,h,hd,n={b},{n_tok},{h},{hd},{n}", fns, args, ct, repeats)
+    dims = ("B,N,h,hd,n", f"{b},{n_tok},{h},{hd},{n}")
+    rows += common.layout_rows(name, dims, fns, args, ct, repeats)
   return rows
 
 

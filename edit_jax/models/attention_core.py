@@ -16,8 +16,9 @@ projection produces); bias: None or broadcastable to (B, h, Nq, Nk); returns (B,
 
 Why a second path: XLA:CPU runs the products of the token-major einsums ('BTNH,BSNH->BNTS' and
 'BNTS,BSNH->BTNH', batch dims not leading) through slow strided batched-matmul kernels; the
-head-major form is 1.3x faster forward and forward+backward for SiT-S/2's attention and ~10 % of
-the whole S/2 training step on a 2-core CPU (docs/benchmarks.md, `benchmarks/attention_core.py`).
+head-major form runs SiT-S/2's attention 1.66x faster forward and 1.30x forward+backward, and
+the whole S/2 training step 15 % faster, on a 2-core CPU (docs/benchmarks.md "Third pass",
+`benchmarks/attention_core.py`, `benchmarks/torch_reference.py`).
 Values agree with `jax.nn.dot_product_attention` to float32 rounding (tests/test_attention_core.py).
 """
 from __future__ import annotations
